@@ -1,0 +1,3 @@
+from allmil_cli.cli import run
+
+run()

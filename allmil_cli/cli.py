@@ -1,0 +1,514 @@
+"""The ``allmil`` command line. Parses arguments, calls the library, prints. No pipeline logic here.
+
+Exit codes (also in README and ``allmil --help``):
+  0  every patient was analysed (status ok)
+  1  the run finished and reports were written, but some patients are failed or insufficient
+  2  usage or input error (bad option, missing input folder, output folder missing, bad labels file)
+  3  model error (weights missing, sha256 mismatch, model cannot be loaded, CUDA asked for but absent)
+  130 interrupted (Ctrl-C); no partial report is left behind
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from allmil_cli import __version__
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+EPILOG_CODES = "Exit codes: 0 all patients ok; 1 some patients failed/insufficient (reports written); 2 usage/input error; 3 model error; 130 interrupted."
+
+app = typer.Typer(
+    name="allmil",
+    help=(
+        "Screen blood-smear fields for Acute Lymphoblastic Leukemia, one call per patient.\n\n"
+        "DIR holds one subfolder per patient with that patient's microscope fields (JPEG/PNG/TIFF).\n\n"
+        "Example:  allmil diagnose ./patients --out report.csv --json report.json\n\n"
+        "Research use only: not a medical device; every call needs review by a haematologist."
+    ),
+    epilog=EPILOG_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Remove(str, Enum):
+    none = "none"
+    blasts = "blasts"
+    normals = "normals"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"allmil {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """allmil: ALL screening on blood-smear fields."""
+
+
+# ---- shared option types --------------------------------------------------------------------------
+InputDir = Annotated[Path, typer.Argument(help="Folder with one subfolder per patient (or images, with --per-image).", show_default=False)]
+PerImage = Annotated[bool, typer.Option("--per-image", help="Treat every image as its own patient (ALL-IDB1 style).")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="Folder with detector/embedder/aggregator .onnx and manifest.json [default: shipped].")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto uses CUDA when onnxruntime-gpu sees a GPU, else the CPU.")]
+CellSize = Annotated[Optional[float], typer.Option("--cell-size", min=4.0, help="Red-cell diameter in pixels; skips the automatic magnification estimate. ALL-IDB1 ~85, BCCD ~110.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per model [default: all cores].")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images above this many pixels (decompression-bomb guard).")]
+DetThreshold = Annotated[Optional[float], typer.Option("--detect-threshold", min=0.0, max=1.0, help="Detector peak threshold [default: the model's].")]
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _check_output(path: Optional[Path | str], flag: str) -> None:
+    if path is None or str(path) == "-":
+        return
+    p = Path(path)
+    if not p.parent.exists():
+        _fail(f"{flag} {p}: the folder {p.parent} does not exist; create it first (mkdir -p {p.parent}).", EXIT_USAGE)
+    if p.is_dir():
+        _fail(f"{flag} {p}: is a folder; give a file name, e.g. {p / 'report.csv'}.", EXIT_USAGE)
+
+
+def _patients(input_dir: Path, per_image: bool, quiet: bool):
+    from allmil_cli.images import discover_patients
+
+    try:
+        patients, notes = discover_patients(input_dir, per_image=per_image)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    for note in notes:
+        if not quiet:
+            err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    if not patients:
+        _fail(f"{input_dir}: no patient subfolders (and no images with --per-image) found; see 'allmil diagnose --help'.", EXIT_USAGE)
+    return patients
+
+
+def _models(weights: Optional[Path], device: Device, threads: Optional[int], quiet: bool):
+    from allmil_cli.models import ModelError, load_models
+
+    try:
+        models = load_models(weights, device=device.value, threads=threads)
+    except ModelError as exc:
+        _fail(str(exc), EXIT_MODEL)
+    if models.notice and not quiet:
+        err.print(f"[yellow]note:[/] {models.notice}")
+    return models
+
+
+@contextmanager
+def _progress(total: int, quiet: bool, what: str) -> Iterator[Any]:
+    enabled = not quiet and err.is_terminal
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[current]}"), console=err, disable=not enabled, transient=False,
+    )
+    with progress:
+        task = progress.add_task(what, total=total, current="")
+        yield lambda name: progress.update(task, advance=1, current=name)
+
+
+def _labels(labels_path: Optional[Path], names: list[str]) -> dict[str, int]:
+    from allmil_cli.labels import LabelsError, read_labels
+
+    if labels_path is None:
+        return {}
+    try:
+        labels = read_labels(labels_path)
+    except LabelsError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    missing = [n for n in names if n not in labels]
+    if missing and len(missing) == len(names):
+        _fail(f"{labels_path}: none of the {len(names)} patient names appear in it (e.g. {names[0]!r}).", EXIT_USAGE)
+    return labels
+
+
+def _meta(models, options, command: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from allmil_cli.models import tool_version
+
+    opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+    return {
+        "tool": tool_version(),
+        "version": __version__,
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "execution_provider": models.provider,
+        "weights_dir": str(models.weights_dir),
+        "models_sha256": models.sha256,
+        "options": opts,
+    }
+
+
+def _print_summary(results, pipeline, metrics: Optional[dict[str, Any]]) -> None:
+    table = Table(title="allmil: per-patient calls", title_justify="left", show_lines=False)
+    for col in ("patient", "status", "call", "p_all", "images", "cells", "blast-like", "reason"):
+        table.add_column(col, overflow="fold")
+    colour = {"ALL": "bold red", "normal": "green", "indeterminate": "yellow"}
+    for r in results:
+        p = "" if r.p_all != r.p_all else f"{r.p_all:.3f}"
+        table.add_row(r.patient, r.status, f"[{colour.get(r.call, '')}]{r.call}[/]", p, str(r.n_images), str(r.n_cells),
+                      str(r.n_blast_like), r.reason[:120])
+    err.print(table)
+    if metrics:
+        err.print(
+            f"[bold]metrics[/] (n={metrics['n']}, threshold {metrics['threshold']:.3f}): accuracy {metrics['accuracy']:.4f}  "
+            f"F1 {metrics['f1']:.4f}  sensitivity {metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}  "
+            f"ROC AUC {metrics['roc_auc']:.4f}  confusion [tp {metrics['tp']} fn {metrics['fn']} / fp {metrics['fp']} tn {metrics['tn']}]"
+        )
+
+
+def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, what: str):
+    from allmil_cli.pipeline import Pipeline
+
+    patients = _patients(input_dir, per_image, quiet)
+    models = _models(weights, device, threads, quiet)
+    pipeline = Pipeline(models, options)
+    results = []
+    try:
+        with _progress(len(patients), quiet, what) as tick:
+            for result in pipeline.run(patients):
+                results.append(result)
+                tick(result.patient)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: no report written.")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    return patients, models, pipeline, results
+
+
+# ---- diagnose -----------------------------------------------------------------------------------
+@app.command(epilog=EPILOG_CODES)
+def diagnose(
+    input_dir: InputDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV report, one row per patient ('-' for stdout).")] = Path("report.csv"),
+    json_out: Annotated[Optional[str], typer.Option("--json", help="JSON report with per-image and per-cell detail ('-' for stdout).")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV 'patient,label' (ALL/normal or 1/0): adds metrics.")] = None,
+    per_image: PerImage = False,
+    weights: Weights = None,
+    device: DeviceOpt = Device.auto,
+    cell_size: CellSize = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="p_all above which the call is ALL [default: the model's].")] = None,
+    band: Annotated[float, typer.Option("--indeterminate-band", min=0.0, max=0.5, help="Calls with |p_all - threshold| below this are 'indeterminate'.")] = 0.05,
+    min_cells: Annotated[int, typer.Option("--min-cells", min=1, help="Patients with fewer white cells are 'insufficient'.")] = 1,
+    detect_threshold: DetThreshold = None,
+    threads: Threads = None,
+    max_pixels: MaxPixels = 80_000_000,
+    quiet: Quiet = False,
+) -> None:
+    """Call each patient ALL / normal / indeterminate, with p_all and the blast-like cells behind it.
+
+    Example:
+
+        allmil diagnose ./patients --out report.csv --json report.json
+
+        allmil diagnose ALL-IDB1/im --per-image --labels labels.csv --out report.csv
+    """
+    from allmil_cli.pipeline import Options
+    from allmil_cli.report import csv_text, metrics_for, report_json, write_report
+
+    if str(out) == "-" and json_out == "-":
+        _fail("--out - and --json - both ask for stdout; send one of them to a file.", EXIT_USAGE)
+    _check_output(out, "--out")
+    _check_output(json_out, "--json")
+    options = Options(cell_size=cell_size, threshold=threshold, indeterminate_band=band, min_cells=min_cells,
+                      detect_threshold=detect_threshold, max_pixels=max_pixels)
+    patients, models, pipeline, results = _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, "diagnose")
+    truth = _labels(labels, [p.name for p in patients])
+    metrics = metrics_for(results, truth, pipeline.threshold) if truth else None
+    write_report(out, csv_text(results, truth))
+    if json_out:
+        meta = _meta(models, replace(options, threshold=pipeline.threshold), "diagnose")
+        write_report(json_out, report_json(results, meta, metrics))
+    if not quiet:
+        _print_summary(results, pipeline, metrics)
+        if str(out) != "-":
+            err.print(f"report: {out}" + (f"  json: {json_out}" if json_out and json_out != "-" else ""))
+    raise typer.Exit(EXIT_OK if all(r.ok for r in results) else EXIT_PARTIAL)
+
+
+# ---- stress-test --------------------------------------------------------------------------------
+@app.command("stress-test", epilog=EPILOG_CODES)
+def stress_test(
+    input_dir: InputDir,
+    remove: Annotated[Optional[list[Remove]], typer.Option("--remove", help="Condition(s) to run; repeat the flag. [default: none, blasts, normals]")] = None,
+    truth: Annotated[Optional[Path], typer.Option("--truth", help="Folder of <image-stem>.xyc blast centroids (ALL-IDB1 xyc/). Without it, cells are removed by the model's own blast score.")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV 'patient,label'. Without it, ALL-IDB names (_1 = ALL) are used when they fit.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV with one row per condition (recall and counts).")] = None,
+    per_image: PerImage = False,
+    weights: Weights = None,
+    device: DeviceOpt = Device.auto,
+    cell_size: CellSize = None,
+    threads: Threads = None,
+    max_pixels: MaxPixels = 80_000_000,
+    quiet: Quiet = False,
+) -> None:
+    """The paper's stress test: recall on ALL patients after removing blast cells, or normal cells.
+
+    A model that really looks at blasts loses recall when blasts are removed and keeps it when normal
+    cells are removed.
+
+    Example:
+
+        allmil stress-test ALL-IDB1/im --per-image --truth ALL-IDB1/xyc --out stress.csv
+    """
+    from allmil_cli.labels import labels_from_names
+    from allmil_cli.pipeline import Options
+    from allmil_cli.report import atomic_write
+    from allmil_cli.stress import run_stress_test
+
+    _check_output(out, "--out")
+    if truth is not None and not truth.is_dir():
+        _fail(f"--truth {truth}: not a folder of .xyc files.", EXIT_USAGE)
+    conditions = [c.value for c in (remove or [Remove.none, Remove.blasts, Remove.normals])]
+    patients = _patients(input_dir, per_image, quiet)
+    truth_labels = _labels(labels, [p.name for p in patients]) if labels else labels_from_names([p.name for p in patients])
+    if not any(v == 1 for v in truth_labels.values()):
+        _fail("no ALL patient among the labels: recall is undefined; pass --labels with at least one ALL patient.", EXIT_USAGE)
+    models = _models(weights, device, threads, quiet)
+    options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth)
+    try:
+        with _progress(len(patients) * len(conditions), quiet, "stress-test") as tick:
+            rows = run_stress_test(models, patients, truth_labels, conditions, options, on_done=lambda r: tick(r.patient))
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: no report written.")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    table = Table(title="stress test (recall on ALL patients)", title_justify="left")
+    for col in ("removed", "recall", "ALL called", "ALL patients", "specificity", "cells kept"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["removed"], f"{r['recall']:.4f}", str(r["tp"]), str(r["n_all"]),
+                      "" if r["specificity"] != r["specificity"] else f"{r['specificity']:.4f}", str(r["cells_kept"]))
+    Console().print(table)
+    if out:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(out, buf.getvalue())
+    raise typer.Exit(EXIT_OK)
+
+
+# ---- detect ---------------------------------------------------------------------------------------
+@app.command(epilog=EPILOG_CODES)
+def detect(
+    input_dir: InputDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV, one row per detected white cell ('-' for stdout).")] = Path("detections.csv"),
+    crops: Annotated[Optional[Path], typer.Option("--crops", help="Also save each cell crop as PNG under this folder (created).")] = None,
+    per_image: PerImage = False,
+    weights: Weights = None,
+    device: DeviceOpt = Device.auto,
+    cell_size: CellSize = None,
+    detect_threshold: DetThreshold = None,
+    threads: Threads = None,
+    max_pixels: MaxPixels = 80_000_000,
+    quiet: Quiet = False,
+) -> None:
+    """Find the white blood cells in every field: one CSV row per cell (patient, image, box, score).
+
+    Example:
+
+        allmil detect ./patients --out detections.csv --crops ./crops
+    """
+    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.report import write_report
+
+    _check_output(out, "--out")
+    patients = _patients(input_dir, per_image, quiet)
+    models = _models(weights, device, threads, quiet)
+    pipeline = Pipeline(models, Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["patient", "image", "x0", "y0", "x1", "y1", "cx", "cy", "score"])
+    problems = 0
+    try:
+        with _progress(len(patients), quiet, "detect") as tick:
+            for patient in patients:
+                images, cells, crop_arrays = pipeline.detect_patient(patient, with_crops=crops is not None)
+                for c in cells:
+                    w.writerow([patient.name, c.image, *(f"{v:.1f}" for v in c.box), f"{c.x:.1f}", f"{c.y:.1f}", f"{c.det_score:.4f}"])
+                for img in images:
+                    if img.status != "ok":
+                        problems += 1
+                        if not quiet:
+                            err.print(f"[yellow]skipped:[/] {img.reason}", soft_wrap=True)
+                if not patient.images:
+                    problems += 1
+                    if not quiet:
+                        err.print(f"[yellow]empty:[/] {patient.folder} holds no image.", soft_wrap=True)
+                if crops is not None and crop_arrays:
+                    _save_crops(crops, patient.name, cells, crop_arrays)
+                tick(patient.name)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: no report written.")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    write_report(out, buf.getvalue())
+    raise typer.Exit(EXIT_OK if problems == 0 else EXIT_PARTIAL)
+
+
+def _save_crops(root: Path, patient: str, cells, crop_arrays) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from allmil_cli.report import atomic_write
+
+    folder = root / patient
+    folder.mkdir(parents=True, exist_ok=True)
+    all_crops = np.concatenate(crop_arrays, axis=0)
+    for i, (cell, crop) in enumerate(zip(cells, all_crops)):
+        stem = Path(cell.image.replace("#", "_p")).stem
+        b = io.BytesIO()
+        Image.fromarray(crop).save(b, format="PNG")
+        atomic_write(folder / f"{stem}_cell{i:03d}_x{int(cell.x)}_y{int(cell.y)}.png", b.getvalue())
+
+
+# ---- embed ----------------------------------------------------------------------------------------
+@app.command(epilog=EPILOG_CODES)
+def embed(
+    input_dir: InputDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="NPZ file: features, boxes, blast scores, patient and image per cell.")] = Path("cells.npz"),
+    per_image: PerImage = False,
+    weights: Weights = None,
+    device: DeviceOpt = Device.auto,
+    cell_size: CellSize = None,
+    threads: Threads = None,
+    max_pixels: MaxPixels = 80_000_000,
+    quiet: Quiet = False,
+) -> None:
+    """Per-cell 256-d feature vectors, boxes and blast scores for every detected cell, as one .npz.
+
+    Arrays: features (N,256) float32, boxes (N,4), centres (N,2), det_score (N), blast_score (N),
+    patient (N) str, image (N) str.
+
+    Example:
+
+        allmil embed ./patients --out cells.npz
+    """
+    import numpy as np
+
+    from allmil_cli.pipeline import Options
+    from allmil_cli.report import atomic_write
+
+    _check_output(out, "--out")
+    options = Options(cell_size=cell_size, max_pixels=max_pixels, keep_features=True, min_cells=1)
+    _, _, _, results = _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, "embed")
+    feats, boxes, centres, det, blast, pat, img = [], [], [], [], [], [], []
+    for r in results:
+        if r.features is not None and len(r.cells):
+            feats.append(r.features)
+            for c in r.cells:
+                boxes.append(c.box)
+                centres.append((c.x, c.y))
+                det.append(c.det_score)
+                blast.append(c.blast_score)
+                pat.append(r.patient)
+                img.append(c.image)
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        features=np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, 256), np.float32),
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+        centres=np.asarray(centres, np.float32).reshape(-1, 2),
+        det_score=np.asarray(det, np.float32),
+        blast_score=np.asarray(blast, np.float32),
+        patient=np.asarray(pat, dtype=str),
+        image=np.asarray(img, dtype=str),
+    )
+    atomic_write(out, buf.getvalue())
+    if not quiet:
+        err.print(f"{sum(len(f) for f in feats)} cells from {len(results)} patient(s) -> {out}")
+    raise typer.Exit(EXIT_OK if all(r.status != "failed" for r in results) else EXIT_PARTIAL)
+
+
+# ---- train --------------------------------------------------------------------------------------
+TRAIN_STAGES = {
+    "detector": "allmil_cli.train.detector",
+    "cells": "allmil_cli.train.cells",
+    "evaluate": "allmil_cli.train.evaluate",
+    "all": "allmil_cli.train.run_all",
+}
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    epilog="Needs the training extra: pip install '.\[train]'. Each stage has its own --help, e.g. 'allmil train detector --help'.",
+)
+def train(
+    ctx: typer.Context,
+    stage: Annotated[str, typer.Argument(help="detector | cells | evaluate | all | manifest", show_default=False)] = "",
+) -> None:
+    """Train, evaluate and export the models (needs torch: pip install '.\[train]').
+
+    Stages: detector (WBC detector), cells (embedder FC256 + LSTM aggregator), evaluate (protocols,
+    stress test, ablations), all (everything that builds the shipped weights/), manifest (rewrite
+    weights/manifest.json sha256 for models you trained yourself: allmil train manifest WEIGHTS_DIR).
+
+    Example:
+
+        allmil train all --data ../shared/data --out weights/
+    """
+    import importlib
+
+    args = list(ctx.args)
+    if stage in ("", "--help", "-h"):
+        typer.echo(ctx.get_help())
+        raise typer.Exit(EXIT_OK)
+    if stage == "manifest":
+        from allmil_cli.models import write_manifest
+
+        folder = Path(args[0]) if args else Path("weights")
+        if not folder.is_dir():
+            _fail(f"{folder}: not a folder of .onnx models.", EXIT_USAGE)
+        for name, digest in write_manifest(folder).items():
+            typer.echo(f"{digest}  {name}")
+        raise typer.Exit(EXIT_OK)
+    if stage not in TRAIN_STAGES:
+        _fail(f"unknown training stage {stage!r}; use one of: {', '.join(TRAIN_STAGES)}, manifest.", EXIT_USAGE)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _fail("training needs PyTorch: pip install '.[train]' (torch and torchvision).", EXIT_USAGE)
+    module = importlib.import_module(TRAIN_STAGES[stage])
+    code = module.main(args)
+    raise typer.Exit(int(code or 0))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    run()

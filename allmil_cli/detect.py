@@ -1,0 +1,130 @@
+"""White-blood-cell detection with the shipped ONNX centre-heatmap model (numpy + onnxruntime only).
+
+The model (``weights/detector.onnx``, built by :mod:`allmil_cli.train.detector`) takes an RGB field in
+0..255 at a *canonical magnification* (red cells ``allmil.canonical_rbc_px`` pixels across) and returns a
+stride-4 heatmap of white-cell centres in 0..1. :func:`detect_cells` rescales the field with the
+caller's red-cell ruler (:func:`allmil_cli.scale.estimate_rbc_diameter`), runs the model once over the
+whole field, and decodes the heatmap peaks back to full-resolution pixel coordinates.
+
+Never import torch here: this module is what the CLI uses at inference time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+#: Peaks closer than this many red-cell diameters are one cell (the weaker one is dropped).
+MIN_PEAK_DIST_RBC = 0.8
+_DEFAULTS = {"stride": 4.0, "canonical_rbc_px": 20.0, "threshold": 0.3}
+
+
+@dataclass(frozen=True)
+class Detection:
+    x: float  # cell centre, full-resolution pixels of the input field
+    y: float
+    score: float  # 0..1
+
+
+def model_meta(session) -> dict[str, float]:
+    """``allmil.stride``, ``allmil.canonical_rbc_px`` and ``allmil.threshold`` from the ONNX metadata."""
+    meta = session.get_modelmeta().custom_metadata_map
+    out = dict(_DEFAULTS)
+    for key in out:
+        if f"allmil.{key}" in meta:
+            out[key] = float(meta[f"allmil.{key}"])
+    return out
+
+
+def prepare_input(rgb: np.ndarray, rbc_px: float, canonical_rbc_px: float, multiple: int = 32):
+    """Resize ``rgb`` so red cells are ``canonical_rbc_px`` wide and pad to a multiple of ``multiple``.
+
+    Padding uses the field's median colour (as in training). Returns (float32 [1,3,H,W], sx, sy) where
+    ``sx``/``sy`` map full-resolution coordinates to model-input coordinates.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise ValueError("expected an RGB image (H, W, 3)")
+    rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
+    h, w = rgb.shape[:2]
+    f = float(canonical_rbc_px) / max(float(rbc_px), 1e-3)
+    nw, nh = max(1, int(round(w * f))), max(1, int(round(h * f)))
+    if (nw, nh) != (w, h):
+        small = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+    else:
+        small = rgb
+    ph = -(-nh // multiple) * multiple
+    pw = -(-nw // multiple) * multiple
+    fill = np.median(small[::4, ::4].reshape(-1, 3), axis=0).astype(np.float32)
+    x = np.empty((1, 3, ph, pw), dtype=np.float32)
+    x[0] = fill[:, None, None]
+    x[0, :, :nh, :nw] = small.transpose(2, 0, 1)
+    return x, nw / w, nh / h
+
+
+def decode_heatmap(heat: np.ndarray, threshold: float, min_dist: float) -> np.ndarray:
+    """Peaks of a 2-D heatmap: (K, 3) rows of (x, y, score) in heatmap cells, strongest first.
+
+    A peak is a cell >= threshold that equals the max of its 3x3 neighbourhood (CenterNet's max-pool
+    NMS); its position is refined to the score-weighted centroid of that 3x3 neighbourhood, and
+    ``x, y`` are cell *centres* (cell j covers [j, j+1), so its centre is j + 0.5). Peaks closer than
+    ``min_dist`` cells to a stronger kept peak are then dropped (greedy).
+    """
+    heat = np.asarray(heat, dtype=np.float32)
+    h, w = heat.shape
+    padded = np.pad(heat, 1, mode="constant", constant_values=-np.inf)
+    mx = np.full_like(heat, -np.inf)
+    for dy in range(3):
+        for dx in range(3):
+            np.maximum(mx, padded[dy : dy + h, dx : dx + w], out=mx)
+    ys, xs = np.nonzero((heat >= mx) & (heat >= threshold))
+    if len(ys) == 0:
+        return np.zeros((0, 3), dtype=np.float32)
+    scores = heat[ys, xs]
+    order = np.argsort(-scores, kind="stable")
+    ys, xs, scores = ys[order], xs[order], scores[order]
+    # 3x3 weighted centroid (non-negative weights; -inf border -> 0)
+    zpad = np.pad(heat, 1, mode="constant", constant_values=0.0)
+    offs = np.arange(-1, 2)
+    win = np.stack([zpad[ys + 1 + dy, xs + 1 + dx] for dy in offs for dx in offs], axis=1)
+    win = np.clip(win, 0.0, None)
+    tot = np.maximum(win.sum(axis=1), 1e-12)
+    ddx = np.tile(offs, 3).astype(np.float32)
+    ddy = np.repeat(offs, 3).astype(np.float32)
+    fx = xs + 0.5 + (win * ddx).sum(axis=1) / tot
+    fy = ys + 0.5 + (win * ddy).sum(axis=1) / tot
+    keep: list[int] = []
+    md2 = float(min_dist) ** 2
+    for i in range(len(fx)):
+        if all((fx[i] - fx[j]) ** 2 + (fy[i] - fy[j]) ** 2 >= md2 for j in keep):
+            keep.append(i)
+    k = np.asarray(keep, dtype=np.int64)
+    return np.stack([fx[k], fy[k], scores[k]], axis=1).astype(np.float32)
+
+
+def detect_cells(
+    session: "onnxruntime.InferenceSession",  # noqa: F821
+    rgb: np.ndarray,
+    rbc_px: float,
+    threshold: float | None = None,
+) -> list[Detection]:
+    """White cells in an RGB uint8 field whose red cells are ``rbc_px`` pixels across.
+
+    ``threshold`` defaults to the model's ``allmil.threshold`` metadata.
+    """
+    meta = model_meta(session)
+    thr = meta["threshold"] if threshold is None else float(threshold)
+    stride, canon = meta["stride"], meta["canonical_rbc_px"]
+    x, sx, sy = prepare_input(rgb, rbc_px, canon)
+    name = session.get_inputs()[0].name
+    heat = session.run(None, {name: x})[0][0, 0]
+    peaks = decode_heatmap(heat, thr, MIN_PEAK_DIST_RBC * canon / stride)
+    h, w = rgb.shape[:2]
+    out = []
+    for px, py, s in peaks:
+        fx = float(px) * stride / sx
+        fy = float(py) * stride / sy
+        if fx < w and fy < h:  # drop peaks in the padding
+            out.append(Detection(x=min(max(fx, 0.0), w - 1.0), y=min(max(fy, 0.0), h - 1.0), score=float(s)))
+    return out

@@ -1,0 +1,156 @@
+"""Stage 0: find the patients and their smear fields, and decode each field once, safely.
+
+A lab folder looks like ``DIR/<patient>/.../*.jpg``. Every readable image below a patient's folder
+counts for that patient. ``per_image=True`` treats every image (anywhere below DIR) as its own
+patient, named after the file (ALL-IDB1 style).
+
+Decoding never raises anything but :class:`ImageError`, whose message names the file, says what is
+wrong and what to do; the pipeline turns it into a per-image ``failed`` entry and carries on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+
+#: Decompression-bomb cap: a field above this many pixels is refused (a 2592x1944 field is 5 Mpx).
+MAX_PIXELS = 80_000_000
+#: At most this many pages are read from a multi-page TIFF.
+MAX_PAGES = 32
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message is meant for the user."""
+
+
+@dataclass
+class Patient:
+    """A patient and the image files that belong to it (sorted, stable order)."""
+
+    name: str
+    folder: Path
+    images: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Field:
+    """One decoded smear field: RGB uint8 (H, W, 3). ``page`` > 0 only for multi-page TIFFs."""
+
+    path: Path
+    page: int
+    rgb: np.ndarray
+
+    @property
+    def label(self) -> str:
+        return self.path.name if self.page == 0 else f"{self.path.name}#{self.page}"
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _images_below(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.rglob("*") if p.is_file() and _is_image(p)), key=lambda p: str(p))
+
+
+def discover_patients(root: Path, per_image: bool = False) -> tuple[list[Patient], list[str]]:
+    """List the patients under ``root``. Returns (patients, warnings for the user).
+
+    Raises FileNotFoundError / NotADirectoryError when ``root`` itself is unusable.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such folder. Give the folder that holds one subfolder per patient.")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a folder. Give the folder that holds one subfolder per patient.")
+    notes: list[str] = []
+    if per_image:
+        patients = [Patient(name=str(p.relative_to(root).with_suffix("")), folder=p.parent, images=[p]) for p in _images_below(root)]
+        return patients, notes
+    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
+    if loose:
+        notes.append(
+            f"{root}: {len(loose)} image(s) lie directly in the input folder and are ignored; "
+            "put each patient's images in its own subfolder, or pass --per-image to treat each image as a patient."
+        )
+    patients = []
+    for sub in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name):
+        patients.append(Patient(name=sub.name, folder=sub, images=_images_below(sub)))
+    return patients, notes
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to RGB uint8 (16-bit and float are rescaled by their range)."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        g = np.clip((a - lo) * scale, 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(im.convert("RGB"))
+
+
+def load_fields(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[list[Field], list[str]]:
+    """Decode every usable page of an image file. Returns (fields, notes about skipped pages).
+
+    Raises :class:`ImageError` when nothing in the file is usable.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be read ({exc.strerror or exc}); check the file's permissions.") from exc
+    if size == 0:
+        raise ImageError(f"{path}: the file is empty (0 bytes); re-export or re-copy it from the microscope.")
+    notes: list[str] = []
+    fields: list[Field] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                n_pages = int(getattr(im, "n_frames", 1) or 1)
+                for page in range(min(n_pages, MAX_PAGES)):
+                    if page:
+                        im.seek(page)
+                    w, h = im.size
+                    if w * h > max_pixels:
+                        raise ImageError(
+                            f"{path}: {w}x{h} pixels is over the {max_pixels:,}-pixel safety cap; "
+                            "downscale the image or raise the cap with --max-pixels."
+                        )
+                    if min(w, h) < 32:
+                        notes.append(f"{path} page {page}: {w}x{h} is too small to hold a cell; page skipped.")
+                        continue
+                    frame = ImageOps.exif_transpose(im) if page == 0 else im
+                    frame.load()
+                    fields.append(Field(path=path, page=page, rgb=_to_rgb(frame)))
+                if n_pages > MAX_PAGES:
+                    notes.append(f"{path}: only the first {MAX_PAGES} of {n_pages} pages were read.")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            f"{path}: refused as a possible decompression bomb ({exc}); downscale it or raise --max-pixels."
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(
+            f"{path}: not a readable image (unknown or corrupt format); replace it with a JPEG, PNG or TIFF export."
+        ) from exc
+    except PermissionError as exc:
+        raise ImageError(f"{path}: permission denied; make the file readable (chmod +r).") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"{path}: the image is truncated or corrupt ({exc}); re-copy it from the source.") from exc
+    if not fields:
+        raise ImageError(f"{path}: no usable page in this file; " + (" ".join(notes) or "re-export it as RGB."))
+    return fields, notes

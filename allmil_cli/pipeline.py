@@ -1,0 +1,301 @@
+"""The diagnose pipeline: images -> cells -> embeddings -> patient call, one patient at a time.
+
+Patients are streamed: a patient's crops and features are dropped once its result is built, so
+memory stays flat however many patients a run holds. Each field is decoded once; the networks run
+once per field (detector) and in batches (embedder, aggregator).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from allmil_cli.aggregate import Aggregator
+from allmil_cli.crops import crop_cells
+from allmil_cli.detect import detect_cells
+from allmil_cli.embed import Embedder
+from allmil_cli.images import MAX_PIXELS, Field, ImageError, Patient, load_fields
+from allmil_cli.models import Models
+from allmil_cli.scale import WBC_RBC_RATIO, estimate_rbc_diameter
+
+REMOVE_CHOICES = ("none", "blasts", "normals")
+
+
+@dataclass
+class Options:
+    """User-tunable settings of a run (CLI flags map one to one)."""
+
+    cell_size: float | None = None  # red-cell diameter in px; None = estimate per field
+    detect_threshold: float | None = None  # None = the detector's own
+    threshold: float | None = None  # patient p_all threshold; None = the aggregator's own
+    indeterminate_band: float = 0.05  # |p_all - threshold| below this => "indeterminate"
+    min_cells: int = 1  # fewer cells => "insufficient"
+    max_pixels: int = MAX_PIXELS
+    batch_size: int = 32
+    seed: int = 0
+    remove: str = "none"  # stress test: drop "blasts" or "normals" before the patient call
+    truth_dir: Path | None = None  # stress test: .xyc blast centroids per image stem (else model scores)
+    keep_features: bool = False  # keep per-cell features/crops-free arrays for `allmil embed`
+
+
+@dataclass
+class Cell:
+    """A detected white cell. Coordinates are in the pixels of the (EXIF-rotated) field."""
+
+    image: str
+    x: float
+    y: float
+    box: tuple[float, float, float, float]
+    det_score: float
+    blast_score: float = float("nan")
+    removed: bool = False
+
+
+@dataclass
+class ImageResult:
+    image: str
+    status: str  # ok / failed
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    rbc_px: float = 0.0
+    n_cells: int = 0
+
+
+@dataclass
+class PatientResult:
+    patient: str
+    status: str  # ok / failed / insufficient
+    call: str  # ALL / normal / indeterminate
+    p_all: float
+    n_images: int
+    n_cells: int
+    n_blast_like: int
+    blast_fraction: float
+    reason: str = ""
+    images: list[ImageResult] = field(default_factory=list)
+    cells: list[Cell] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    features: np.ndarray | None = None  # (n_cells, 256) when Options.keep_features
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class Evidence:
+    """What the networks saw of one patient, before the call: reusable across stress conditions."""
+
+    images: list[ImageResult] = field(default_factory=list)
+    cells: list[Cell] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)
+    truth_flags: list[np.ndarray] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class StageTimer:
+    """Wall-clock seconds spent per pipeline stage, summed over a run (for the benchmark)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, stage: str, start: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - start
+        return now
+
+
+def read_truth(truth_dir: Path, image: Path) -> np.ndarray | None:
+    """Ground-truth blast centroids for ``image`` from ``truth_dir/<stem>.xyc`` (None if no file)."""
+    f = Path(truth_dir) / f"{image.stem}.xyc"
+    if not f.exists():
+        return None
+    pts = []
+    for line in f.read_text(errors="replace").splitlines():
+        parts = line.replace(",", " ").split()
+        if len(parts) >= 2:
+            pts.append((float(parts[0]), float(parts[1])))
+    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+
+
+class Pipeline:
+    """Holds the models of one run; call :meth:`diagnose_patient` per patient."""
+
+    def __init__(self, models: Models, options: Options | None = None, timer: StageTimer | None = None) -> None:
+        self.models = models
+        self.options = options or Options()
+        self.timer = timer or StageTimer()
+        self.embedder = Embedder(models.embedder)
+        self.aggregator = Aggregator(models.aggregator, self.embedder.blank_features())
+        self.threshold = self.options.threshold if self.options.threshold is not None else self.aggregator.threshold
+        self.cell_threshold = self.aggregator.cell_threshold
+
+    # -- one field -----------------------------------------------------------------------------
+    def locate_cells(self, fld: Field) -> tuple[list[Cell], float]:
+        """Scale estimate + WBC detection on one decoded field."""
+        t = time.perf_counter()
+        rgb = fld.rgb
+        h, w = rgb.shape[:2]
+        rbc_px = float(self.options.cell_size) if self.options.cell_size else estimate_rbc_diameter(rgb)
+        t = self.timer.add("scale", t)
+        dets = detect_cells(self.models.detector, rgb, rbc_px, self.options.detect_threshold)
+        self.timer.add("detect", t)
+        half = WBC_RBC_RATIO * rbc_px / 2.0
+        cells = [
+            Cell(
+                image=fld.label,
+                x=float(d.x),
+                y=float(d.y),
+                box=(max(0.0, d.x - half), max(0.0, d.y - half), min(float(w), d.x + half), min(float(h), d.y + half)),
+                det_score=float(d.score),
+            )
+            for d in dets
+        ]
+        return cells, rbc_px
+
+    def analyse_field(self, fld: Field) -> tuple[ImageResult, list[Cell], np.ndarray, float]:
+        """Detect, crop and embed the cells of one decoded field."""
+        cells, rbc_px = self.locate_cells(fld)
+        t = time.perf_counter()
+        centres = np.asarray([(c.x, c.y) for c in cells], dtype=np.float64).reshape(-1, 2)
+        crops = crop_cells(fld.rgb, centres, rbc_px)
+        t = self.timer.add("crop", t)
+        feats = self.embedder.embed(crops, batch_size=self.options.batch_size) if len(crops) else np.zeros((0, 256), np.float32)
+        self.timer.add("embed", t)
+        h, w = fld.rgb.shape[:2]
+        info = ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(rbc_px, 1), n_cells=len(cells))
+        return info, cells, feats, rbc_px
+
+    # -- one patient -------------------------------------------------------------------------------
+    def iter_fields(self, patient: Patient, images: list[ImageResult], notes: list[str]) -> Iterator[Field]:
+        """Decode each of the patient's files once; unusable files become ``failed`` entries in ``images``."""
+        for path in patient.images:
+            t = time.perf_counter()
+            try:
+                fields, page_notes = load_fields(path, max_pixels=self.options.max_pixels)
+            except ImageError as exc:
+                self.timer.add("decode", t)
+                images.append(ImageResult(image=path.name, status="failed", reason=str(exc)))
+                continue
+            self.timer.add("decode", t)
+            notes.extend(page_notes)
+            for fld in fields:
+                yield fld
+            del fields
+
+    def detect_patient(self, patient: Patient, with_crops: bool = False) -> tuple[list[ImageResult], list[Cell], list[np.ndarray]]:
+        """Detection only (``allmil detect``): cells per field, and their crops when asked."""
+        images: list[ImageResult] = []
+        notes: list[str] = []
+        cells: list[Cell] = []
+        crops: list[np.ndarray] = []
+        for fld in self.iter_fields(patient, images, notes):
+            try:
+                fcells, rbc_px = self.locate_cells(fld)
+            except Exception as exc:  # noqa: BLE001 - one field's failure is reported, not fatal
+                images.append(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: detection failed ({exc})."))
+                continue
+            h, w = fld.rgb.shape[:2]
+            images.append(ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(rbc_px, 1), n_cells=len(fcells)))
+            cells.extend(fcells)
+            if with_crops:
+                crops.append(crop_cells(fld.rgb, np.asarray([(c.x, c.y) for c in fcells]).reshape(-1, 2), rbc_px))
+        return images, cells, crops
+
+    def collect(self, patient: Patient) -> Evidence:
+        """Decode, detect, crop and embed all of a patient's fields (the expensive part)."""
+        ev = Evidence()
+        for fld in self.iter_fields(patient, ev.images, ev.notes):
+            try:
+                info, fcells, ffeats, rbc_px = self.analyse_field(fld)
+            except Exception as exc:  # noqa: BLE001 - a model failure on one field must not lose the batch
+                ev.images.append(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: analysis failed ({exc})."))
+                continue
+            ev.images.append(info)
+            ev.cells.extend(fcells)
+            ev.features.append(ffeats)
+            if self.options.truth_dir is not None:
+                ev.truth_flags.append(self._truth_blast_flags(fld.path, fcells, rbc_px))
+        return ev
+
+    def diagnose_patient(self, patient: Patient, remove: str | None = None) -> PatientResult:
+        """The patient call; ``remove`` ("blasts"/"normals") overrides Options.remove."""
+        return self.decide(patient, self.collect(patient), remove)
+
+    def _truth_blast_flags(self, path: Path, cells: list[Cell], rbc_px: float) -> np.ndarray:
+        truth = read_truth(self.options.truth_dir, path) if self.options.truth_dir else None
+        flags = np.zeros(len(cells), dtype=bool)
+        if truth is None or len(truth) == 0 or not cells:
+            return flags
+        xy = np.asarray([(c.x, c.y) for c in cells])
+        d = np.sqrt(((xy[:, None, :] - truth[None, :, :]) ** 2).sum(-1))
+        return d.min(axis=1) <= 0.8 * rbc_px
+
+    def decide(self, patient: Patient, ev: Evidence, remove: str | None = None) -> PatientResult:
+        """Per-cell blast scores, optional removal (stress test), and the patient call."""
+        opts = self.options
+        remove = opts.remove if remove is None else remove
+        if remove not in REMOVE_CHOICES:
+            raise ValueError(f"remove must be one of {REMOVE_CHOICES}, not {remove!r}")
+        images, feats, truth_flags = ev.images, ev.features, ev.truth_flags
+        notes = list(ev.notes)
+        cells = [replace(c) for c in ev.cells]
+        n_ok = sum(1 for i in images if i.status == "ok")
+        base = dict(patient=patient.name, n_images=n_ok, images=images, notes=notes)
+        if not patient.images:
+            return PatientResult(status="insufficient", call="indeterminate", p_all=float("nan"), n_cells=0,
+                                 n_blast_like=0, blast_fraction=float("nan"),
+                                 reason=f"no images in {patient.folder}; add JPEG/PNG/TIFF fields of this patient.", **base)
+        if n_ok == 0:
+            first = next((i.reason for i in images if i.reason), "no usable image")
+            return PatientResult(status="failed", call="indeterminate", p_all=float("nan"), n_cells=0,
+                                 n_blast_like=0, blast_fraction=float("nan"),
+                                 reason=f"none of {len(images)} image(s) could be read; first problem: {first}", **base)
+        X = np.concatenate(feats, axis=0) if feats else np.zeros((0, 256), np.float32)
+        t = time.perf_counter()
+        scores = self.aggregator.cell_scores(X) if len(X) else np.zeros(0, np.float32)
+        for c, s in zip(cells, scores):
+            c.blast_score = float(s)
+        keep = np.ones(len(cells), dtype=bool)
+        if remove != "none" and len(cells):
+            is_blast = np.concatenate(truth_flags) if opts.truth_dir is not None else scores >= self.cell_threshold
+            keep = ~is_blast if remove == "blasts" else is_blast
+            for c, k in zip(cells, keep):
+                c.removed = not bool(k)
+        kept = X[keep]
+        n_blast = int((scores[keep] >= self.cell_threshold).sum())
+        n_cells = int(keep.sum())
+        failed = [i for i in images if i.status != "ok"]
+        partial = f"{len(failed)} of {len(images)} image(s) unusable (see the JSON report)." if failed else ""
+        if partial:
+            notes.append(f"{patient.name}: {partial}")
+        if n_cells < opts.min_cells:
+            self.timer.add("aggregate", t)
+            why = (f"{n_cells} white cell(s) found in {n_ok} usable image(s), fewer than --min-cells {opts.min_cells}; "
+                   "add fields, or check the magnification (--cell-size).")
+            return PatientResult(status="insufficient", call="indeterminate", p_all=float("nan"), n_cells=n_cells,
+                                 n_blast_like=n_blast, blast_fraction=float("nan"),
+                                 reason=" ".join(x for x in (why, partial) if x), cells=cells,
+                                 features=X if opts.keep_features else None, **base)
+        p = float(self.aggregator.patient_probability(kept, seed=opts.seed))
+        self.timer.add("aggregate", t)
+        if abs(p - self.threshold) < opts.indeterminate_band:
+            call = "indeterminate"
+        else:
+            call = "ALL" if p >= self.threshold else "normal"
+        return PatientResult(status="ok", call=call, p_all=p, n_cells=n_cells, n_blast_like=n_blast,
+                             blast_fraction=n_blast / n_cells, reason="", cells=cells,
+                             features=X if opts.keep_features else None, **base)
+
+    def run(self, patients: Iterable[Patient], on_done: Callable[[PatientResult], None] | None = None) -> Iterator[PatientResult]:
+        for patient in patients:
+            result = self.diagnose_patient(patient)
+            if on_done:
+                on_done(result)
+            yield result

@@ -1,0 +1,103 @@
+"""Stage 4: reports. CSV (one row per patient), JSON (per image and per cell), metrics.
+
+Every file is written atomically: to a temporary file in the same folder, then renamed over the
+target, so a crash or Ctrl-C never leaves a half-written report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from allmil_cli.metrics import binary_metrics
+from allmil_cli.pipeline import PatientResult
+
+CSV_COLUMNS = ["patient", "status", "call", "p_all", "n_images", "n_cells", "n_blast_like", "blast_fraction", "reason"]
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + rename in the same folder."""
+    path = Path(path)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _num(x: float, digits: int = 4) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def csv_text(results: Sequence[PatientResult], labels: dict[str, int] | None = None) -> str:
+    buf = io.StringIO()
+    columns = CSV_COLUMNS + (["label"] if labels else [])
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in results:
+        row = [r.patient, r.status, r.call, _num(r.p_all), r.n_images, r.n_cells, r.n_blast_like, _num(r.blast_fraction), r.reason]
+        if labels:
+            lab = labels.get(r.patient)
+            row.append("" if lab is None else ("ALL" if lab else "normal"))
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else round(x, 6)
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def patient_json(r: PatientResult) -> dict[str, Any]:
+    d = {k: v for k, v in asdict(r).items() if k not in ("features",)}
+    return _clean(d)
+
+
+def metrics_for(results: Sequence[PatientResult], labels: dict[str, int], threshold: float) -> dict[str, Any] | None:
+    """Metrics over the ``ok`` patients that have a label; indeterminate calls count by p_all >= threshold."""
+    rows = [(labels[r.patient], r.p_all) for r in results if r.ok and r.patient in labels]
+    if not rows:
+        return None
+    y = [a for a, _ in rows]
+    s = [b for _, b in rows]
+    m = binary_metrics(y, [int(v >= threshold) for v in s], s)
+    m["threshold"] = threshold
+    m["n_unlabelled"] = sum(1 for r in results if r.patient not in labels)
+    m["n_not_ok"] = sum(1 for r in results if not r.ok and r.patient in labels)
+    m["n_indeterminate"] = sum(1 for r in results if r.ok and r.call == "indeterminate" and r.patient in labels)
+    return m
+
+
+def report_json(results: Sequence[PatientResult], meta: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
+    doc = {**meta, "metrics": _clean(metrics) if metrics else None, "patients": [patient_json(r) for r in results]}
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_report(path: str | Path, text: str) -> None:
+    """Write a report to ``path`` atomically, or to stdout when ``path`` is ``-``."""
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write(Path(path), text)
