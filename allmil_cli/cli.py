@@ -23,6 +23,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -87,7 +88,7 @@ DetThreshold = Annotated[Optional[float], typer.Option("--detect-threshold", min
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -110,7 +111,7 @@ def _patients(input_dir: Path, per_image: bool, quiet: bool):
         _fail(str(exc), EXIT_USAGE)
     for note in notes:
         if not quiet:
-            err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+            err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     if not patients:
         _fail(f"{input_dir}: no patient subfolders (and no images with --per-image) found; see 'allmil diagnose --help'.", EXIT_USAGE)
     return patients
@@ -124,7 +125,7 @@ def _models(weights: Optional[Path], device: Device, threads: Optional[int], qui
     except ModelError as exc:
         _fail(str(exc), EXIT_MODEL)
     if models.notice and not quiet:
-        err.print(f"[yellow]note:[/] {models.notice}")
+        err.print(f"[yellow]note:[/] {escape(models.notice)}")
     return models
 
 
@@ -180,8 +181,8 @@ def _print_summary(results, pipeline, metrics: Optional[dict[str, Any]]) -> None
     colour = {"ALL": "bold red", "normal": "green", "indeterminate": "yellow"}
     for r in results:
         p = "" if r.p_all != r.p_all else f"{r.p_all:.3f}"
-        table.add_row(r.patient, r.status, f"[{colour.get(r.call, '')}]{r.call}[/]", p, str(r.n_images), str(r.n_cells),
-                      str(r.n_blast_like), r.reason[:120])
+        table.add_row(escape(r.patient), r.status, f"[{colour.get(r.call, '')}]{r.call}[/]", p, str(r.n_images), str(r.n_cells),
+                      str(r.n_blast_like), escape(r.reason[:160]))
     err.print(table)
     if metrics:
         err.print(
@@ -363,11 +364,11 @@ def detect(
                     if img.status != "ok":
                         problems += 1
                         if not quiet:
-                            err.print(f"[yellow]skipped:[/] {img.reason}", soft_wrap=True)
+                            err.print(f"[yellow]skipped:[/] {escape(img.reason)}", soft_wrap=True)
                 if not patient.images:
                     problems += 1
                     if not quiet:
-                        err.print(f"[yellow]empty:[/] {patient.folder} holds no image.", soft_wrap=True)
+                        err.print(f"[yellow]empty:[/] {escape(str(patient.folder))} holds no image.", soft_wrap=True)
                 if crops is not None and crop_arrays:
                     _save_crops(crops, patient.name, cells, crop_arrays)
                 tick(patient.name)
@@ -463,13 +464,13 @@ TRAIN_STAGES = {
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    epilog="Needs the training extra: pip install '.\[train]'. Each stage has its own --help, e.g. 'allmil train detector --help'.",
+    epilog="Needs the training extra: pip install '.\\[train]'. Each stage has its own --help, e.g. 'allmil train detector --help'.",
 )
 def train(
     ctx: typer.Context,
     stage: Annotated[str, typer.Argument(help="detector | cells | evaluate | all | manifest", show_default=False)] = "",
 ) -> None:
-    """Train, evaluate and export the models (needs torch: pip install '.\[train]').
+    """Train, evaluate and export the models (needs torch: pip install '.\\[train]').
 
     Stages: detector (WBC detector), cells (embedder FC256 + LSTM aggregator), evaluate (protocols,
     stress test, ablations), all (everything that builds the shipped weights/), manifest (rewrite

@@ -22,13 +22,15 @@ def crop_cells(rgb: np.ndarray, centres: np.ndarray, rbc_px: float, size: int = 
         return out
     side = max(8, int(round(CROP_RBC_RATIO * rbc_px)))
     half = side // 2
-    pad = half + 1
-    padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    h, w = rgb.shape[:2]
     for i, (x, y) in enumerate(centres):
-        x0 = int(round(x)) - half + pad
-        y0 = int(round(y)) - half + pad
-        x0 = min(max(x0, 0), padded.shape[1] - side)
-        y0 = min(max(y0, 0), padded.shape[0] - side)
-        window = padded[y0 : y0 + side, x0 : x0 + side]
-        out[i] = np.asarray(Image.fromarray(window).resize((size, size), Image.BILINEAR))
+        x0 = int(round(min(max(x, 0.0), w - 1.0))) - half  # centres are clamped into the field
+        y0 = int(round(min(max(y, 0.0), h - 1.0))) - half
+        cx0, cy0 = max(x0, 0), max(y0, 0)
+        cx1, cy1 = min(x0 + side, w), min(y0 + side, h)
+        window = rgb[cy0:cy1, cx0:cx1]
+        pads = ((cy0 - y0, y0 + side - cy1), (cx0 - x0, x0 + side - cx1), (0, 0))
+        if any(a or b for a, b in pads[:2]):
+            window = np.pad(window, pads, mode="edge")
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(window)).resize((size, size), Image.BILINEAR))
     return out

@@ -98,7 +98,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(im if mode == "RGB" else im.convert("RGB"))
 
 
 def load_fields(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[list[Field], list[str]]:
@@ -132,7 +132,8 @@ def load_fields(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[list[Field], 
                     if min(w, h) < 32:
                         notes.append(f"{path} page {page}: {w}x{h} is too small to hold a cell; page skipped.")
                         continue
-                    frame = ImageOps.exif_transpose(im) if page == 0 else im
+                    rotated = page == 0 and im.getexif().get(0x0112, 1) not in (1, None)
+                    frame = ImageOps.exif_transpose(im) if rotated else im
                     frame.load()
                     fields.append(Field(path=path, page=page, rgb=_to_rgb(frame)))
                 if n_pages > MAX_PAGES:

@@ -82,6 +82,7 @@ class PatientResult:
     cells: list[Cell] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     features: np.ndarray | None = None  # (n_cells, 256) when Options.keep_features
+    cell_threshold: float | None = None  # blast score at or above which a cell counts as blast-like
 
     @property
     def ok(self) -> bool:
@@ -247,7 +248,7 @@ class Pipeline:
         notes = list(ev.notes)
         cells = [replace(c) for c in ev.cells]
         n_ok = sum(1 for i in images if i.status == "ok")
-        base = dict(patient=patient.name, n_images=n_ok, images=images, notes=notes)
+        base = dict(patient=patient.name, n_images=n_ok, images=images, notes=notes, cell_threshold=self.cell_threshold)
         if not patient.images:
             return PatientResult(status="insufficient", call="indeterminate", p_all=float("nan"), n_cells=0,
                                  n_blast_like=0, blast_fraction=float("nan"),

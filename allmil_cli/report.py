@@ -14,7 +14,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +69,16 @@ def _clean(x: Any) -> Any:
 
 
 def patient_json(r: PatientResult) -> dict[str, Any]:
-    d = {k: v for k, v in asdict(r).items() if k not in ("features",)}
+    """One patient's JSON entry (hand-built: ``dataclasses.asdict`` deep-copies every cell, slowly)."""
+    d: dict[str, Any] = {k: getattr(r, k) for k in CSV_COLUMNS}
+    d["images"] = [vars(i).copy() for i in r.images]
+    d["cells"] = [
+        {"image": c.image, "x": c.x, "y": c.y, "box": list(c.box), "det_score": c.det_score,
+         "blast_score": c.blast_score, "blast_like": bool(c.blast_score >= r.cell_threshold) if r.cell_threshold else None,
+         "removed": c.removed}
+        for c in r.cells
+    ]
+    d["notes"] = list(r.notes)
     return _clean(d)
 
 

@@ -57,9 +57,11 @@ def estimate_rbc_diameter(rgb: np.ndarray) -> float:
     labels, n = ndi.label(mask)
     if n == 0:
         return DEFAULT_RBC_PX
-    index = np.arange(1, n + 1)
-    radius = np.asarray(ndi.maximum(ndi.distance_transform_edt(mask), labels, index), dtype=np.float64)
-    area = np.asarray(ndi.sum(mask, labels, index), dtype=np.float64)
+    dist = ndi.distance_transform_edt(mask)
+    radius = np.zeros(n + 1, dtype=np.float64)
+    np.maximum.at(radius, labels[mask], dist[mask])  # per-component max (ndi.maximum sorts: 30x slower)
+    area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
+    radius, area = radius[1:], area[1:]
     keep = radius >= 3.0
     if keep.sum() < 2:
         return DEFAULT_RBC_PX

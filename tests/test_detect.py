@@ -1,0 +1,87 @@
+"""WBC detector: heatmap decoding (synthetic) and the shipped ONNX model on a real BCCD field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from allmil_cli.detect import Detection, decode_heatmap, detect_cells, prepare_input
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "weights" / "detector.onnx"
+DATA = REPO.parent / "shared" / "data"
+BCCD_FIELD = "BloodImage_00007"  # one WBC box, published test split (never trained on)
+
+
+def _bump(h, w, cx, cy, amp, sigma=1.5):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return amp * np.exp(-((xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2) / (2 * sigma**2))
+
+
+def test_decode_peaks_threshold_and_subpixel():
+    heat = np.maximum(_bump(40, 50, 10.5, 12.5, 0.9), _bump(40, 50, 35.5, 30.5, 0.5))
+    heat = np.maximum(heat, _bump(40, 50, 5.5, 35.5, 0.1))  # below threshold
+    p = decode_heatmap(heat, threshold=0.3, min_dist=4.0)
+    assert p.shape == (2, 3)
+    assert p[0, 2] == pytest.approx(0.9, abs=1e-3) and p[1, 2] == pytest.approx(0.5, abs=1e-3)
+    np.testing.assert_allclose(p[0, :2], [10.5, 12.5], atol=0.05)
+    np.testing.assert_allclose(p[1, :2], [35.5, 30.5], atol=0.05)
+    # sub-cell centre (between cells) is recovered approximately
+    q = decode_heatmap(_bump(20, 20, 10.0, 8.0, 0.8), threshold=0.3, min_dist=4.0)
+    assert len(q) == 1 and abs(q[0, 0] - 10.0) < 0.45 and abs(q[0, 1] - 8.0) < 0.45
+
+
+def test_decode_min_distance_suppression():
+    heat = np.zeros((30, 30), np.float32)
+    heat[10, 10], heat[10, 13], heat[10, 20] = 0.9, 0.8, 0.7  # 3 cells apart -> suppressed, 10 -> kept
+    p = decode_heatmap(heat, threshold=0.3, min_dist=4.0)
+    assert len(p) == 2
+    np.testing.assert_allclose(p[:, 0], [10.5, 20.5])
+    assert decode_heatmap(np.zeros((8, 8)), 0.3, 4.0).shape == (0, 3)
+
+
+def test_prepare_input_scale_and_padding():
+    rgb = np.full((100, 150, 3), 200, np.uint8)
+    x, sx, sy = prepare_input(rgb, rbc_px=40.0, canonical_rbc_px=20.0)
+    assert x.dtype == np.float32 and x.shape == (1, 3, 64, 96)
+    assert sx == pytest.approx(75 / 150) and sy == pytest.approx(50 / 100)
+
+
+def _session():
+    if not WEIGHTS.exists():
+        pytest.skip("weights/detector.onnx not built")
+    ort = pytest.importorskip("onnxruntime")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(WEIGHTS), so, providers=["CPUExecutionProvider"])
+
+
+def test_onnx_contract():
+    sess = _session()
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["allmil.kind"] == "detector" and meta["allmil.stride"] == "4" and meta["allmil.version"] == "1"
+    assert float(meta["allmil.canonical_rbc_px"]) > 0 and 0 < float(meta["allmil.threshold"]) < 1
+    out = sess.run(None, {"image": np.full((1, 3, 64, 96), 128.0, np.float32)})[0]
+    assert out.shape == (1, 1, 16, 24) and out.min() >= 0 and out.max() <= 1
+
+
+def test_detects_annotated_bccd_wbc():
+    sess = _session()
+    from allmil_cli.scale import estimate_rbc_diameter
+    from allmil_cli.train.data import load_rgb, read_bccd
+
+    if not (DATA / "BCCD").exists():
+        pytest.skip("shared BCCD data absent")
+    rec = next((r for r in read_bccd(DATA / "BCCD") if r.name == BCCD_FIELD), None)
+    if rec is None:
+        pytest.skip(f"{BCCD_FIELD} absent")
+    rgb = load_rgb(rec.path)
+    rbc = estimate_rbc_diameter(rgb)
+    dets = detect_cells(sess, rgb, rbc)
+    assert all(isinstance(d, Detection) and 0 <= d.score <= 1 for d in dets)
+    for x0, y0, x1, y1 in rec.boxes["WBC"]:
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        assert any(np.hypot(d.x - cx, d.y - cy) < 0.8 * rbc for d in dets), (cx, cy, dets)
+    assert len(dets) <= 3
