@@ -17,11 +17,11 @@ import numpy as np
 
 from allmil_cli.aggregate import Aggregator
 from allmil_cli.crops import crop_cells
-from allmil_cli.detect import detect_cells
+from allmil_cli.detect import cell_box, detect_cells
 from allmil_cli.embed import Embedder
 from allmil_cli.images import MAX_PIXELS, Field, ImageError, Patient, load_fields
 from allmil_cli.models import Models
-from allmil_cli.scale import WBC_RBC_RATIO, estimate_rbc_diameter
+from allmil_cli.scale import estimate_rbc_diameter
 
 REMOVE_CHOICES = ("none", "blasts", "normals")
 
@@ -142,20 +142,12 @@ class Pipeline:
         """Scale estimate + WBC detection on one decoded field."""
         t = time.perf_counter()
         rgb = fld.rgb
-        h, w = rgb.shape[:2]
         rbc_px = float(self.options.cell_size) if self.options.cell_size else estimate_rbc_diameter(rgb)
         t = self.timer.add("scale", t)
         dets = detect_cells(self.models.detector, rgb, rbc_px, self.options.detect_threshold)
         self.timer.add("detect", t)
-        half = WBC_RBC_RATIO * rbc_px / 2.0
         cells = [
-            Cell(
-                image=fld.label,
-                x=float(d.x),
-                y=float(d.y),
-                box=(max(0.0, d.x - half), max(0.0, d.y - half), min(float(w), d.x + half), min(float(h), d.y + half)),
-                det_score=float(d.score),
-            )
+            Cell(image=fld.label, x=float(d.x), y=float(d.y), box=cell_box(rgb, d.x, d.y, rbc_px), det_score=float(d.score))
             for d in dets
         ]
         return cells, rbc_px

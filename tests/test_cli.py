@@ -176,12 +176,14 @@ def test_embed_writes_npz(patients_dir, tiny_weights, tmp_path):
     assert np.all((z["blast_score"] >= 0) & (z["blast_score"] <= 1))
 
 
-def test_cell_size_override_changes_detection_scale(patients_dir, tiny_weights, tmp_path):
-    run("detect", patients_dir, "--out", tmp_path / "a.csv", "--weights", tiny_weights, "--quiet", "--cell-size", "100")
-    run("detect", patients_dir, "--out", tmp_path / "b.csv", "--weights", tiny_weights, "--quiet", "--cell-size", "30")
-    wa = np.mean([float(r["x1"]) - float(r["x0"]) for r in read_csv(tmp_path / "a.csv")])
-    wb = np.mean([float(r["x1"]) - float(r["x0"]) for r in read_csv(tmp_path / "b.csv")])
-    assert wa > 2 * wb  # boxes follow the given red-cell size
+def test_cell_size_override_is_used_for_every_field(patients_dir, tiny_weights, tmp_path):
+    run("diagnose", patients_dir, "--out", tmp_path / "a.csv", "--json", tmp_path / "a.json", "--weights", tiny_weights,
+        "--quiet", "--cell-size", "100")
+    run("diagnose", patients_dir, "--out", tmp_path / "b.csv", "--json", tmp_path / "b.json", "--weights", tiny_weights, "--quiet")
+    given = [i["rbc_px"] for p in json.loads((tmp_path / "a.json").read_text())["patients"] for i in p["images"]]
+    estimated = [i["rbc_px"] for p in json.loads((tmp_path / "b.json").read_text())["patients"] for i in p["images"]]
+    assert given == [100.0] * 6
+    assert len(set(estimated)) > 1 and all(60 < e < 200 for e in estimated)  # per-field automatic estimate
 
 
 @pytest.mark.parametrize("command", ["diagnose", "detect", "embed", "stress-test", "train"])

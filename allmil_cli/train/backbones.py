@@ -68,16 +68,47 @@ def _load_state(path: Path):
     return obj
 
 
-def feature_dim(name: str) -> int:
-    if name == "efficientnet_lite0":
-        return 1280
-    return _TV[name][3]
+#: Pooling of the last convolutional map. ``avg``: global average (the paper's pooled features).
+#: ``center``: [global average, average of the central 3x3 of the 7x7 map] concatenated (2x dim): the
+#: crop (3 red-cell diameters) also shows neighbouring cells, and in crowded ALL fields a normal cell's
+#: crop often contains a blast; the central part of the map mostly sees the cell that was detected.
+POOLINGS = ("avg", "center")
+_SPATIAL = ("mobilenet_v2", "efficientnet_lite0", "resnet50")
 
 
-def build_backbone(name: str = DEFAULT_BACKBONE, weights_file: str | Path | None = None):
-    """Frozen feature extractor ``Backbone``: [N,3,224,224] RGB 0..255 -> [N, feature_dim(name)]."""
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"mobilenet_v2:center"`` -> ("mobilenet_v2", "center"); no suffix = ``avg``."""
+    name, _, pooling = spec.partition(":")
+    return name, pooling or "avg"
+
+
+def feature_dim(name: str, pooling: str | None = None) -> int:
+    if pooling is None:
+        name, pooling = split_spec(name)
+    d = 1280 if name == "efficientnet_lite0" else _TV[name][3]
+    return 2 * d if pooling == "center" and name in _SPATIAL else d
+
+
+def _pool(fmap, pooling: str):
+    import torch
+
+    g = fmap.mean(dim=(2, 3))
+    if pooling != "center":
+        return g
+    h, w = fmap.shape[-2], fmap.shape[-1]
+    c = fmap[:, :, h // 2 - 1 : h // 2 + 2, w // 2 - 1 : w // 2 + 2].mean(dim=(2, 3))
+    return torch.cat([g, c], dim=1)
+
+
+def build_backbone(name: str = DEFAULT_BACKBONE, weights_file: str | Path | None = None, pooling: str = "avg"):
+    """Frozen feature extractor ``Backbone``: [N,3,224,224] RGB 0..255 -> [N, feature_dim(name, pooling)]."""
     import torch
     from torch import nn
+
+    if ":" in name:
+        name, pooling = split_spec(name)
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}")
 
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
@@ -105,7 +136,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights_file: str | Path | None
         mean, std = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)
 
         def trunk(x, net=net):
-            return net._avg_pooling(net.extract_features(x)).flatten(1)
+            return _pool(net.extract_features(x), pooling)
 
         body = net
     else:
@@ -134,9 +165,16 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights_file: str | Path | None
         elif name == "mobilenet_v2":
 
             def trunk(x, net=net):
-                return nn.functional.adaptive_avg_pool2d(net.features(x), 1).flatten(1)
+                return _pool(net.features(x), pooling)
 
-        elif name in ("resnet50", "inception_v3"):
+        elif name == "resnet50":
+
+            def trunk(x, net=net):
+                x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+                x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+                return _pool(x, pooling)
+
+        elif name == "inception_v3":
             net.fc = nn.Identity()
             if name == "inception_v3":
                 net.aux_logits = False
@@ -161,11 +199,12 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights_file: str | Path | None
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
             self.name = name
-            self.dim = feature_dim(name)
+            self.dim = feature_dim(name, pooling)
+            self.pooling = pooling
 
         def forward(self, x):
             x = (x - self.mean) / self.std
-            if name in ("inception_v3", "vit_b_16") and x.shape[-1] != 299 and name == "inception_v3":
+            if name == "inception_v3" and x.shape[-1] != 299:
                 x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
             return trunk(x)
 

@@ -13,6 +13,9 @@ Cells (``inventory()``, cached at ``.cache/cells/inventory.json``):
   re-cut from the field with ``crop_cells`` (exactly the inference crop; the ALL-IDB1 centroid of the
   same cell, if any within 0.5 red-cell diameter, is dropped as a duplicate; the ALL-IDB2 label wins).
 * BCCD ``train``+``val`` WBC box centres (label 0: no blasts in BCCD; a different lab/stain/camera).
+* "junk" (label 0): every 3rd ALL-IDB1 ``other/`` centroid classified as a platelet (blob < 0.10 red-cell
+  area) and every ambiguous one (0.10..0.30): the kind of object a detector's false positives are, so the
+  aggregator learns that a platelet or clump in a bag is not evidence of ALL. Not used as test cells.
 Each cell knows its ALL-IDB1 source field (``idb1_field``), so protocol-2 folds exclude every cell of a
 test image, including ALL-IDB2 crops cut from it.
 
@@ -101,8 +104,8 @@ def inventory(refresh: bool = False) -> list[Cell]:
                 if len(mc) and np.hypot(mc[:, 0] - x, mc[:, 1] - y).min() < 0.5 * rbc:
                     continue
                 cells.append(Cell(f"idb1/{rec.name}/{lab}/{i}", "idb1", str(rec.path), float(x), float(y), rbc, lab, rec.name))
-        # detector-style false positives as non-blasts: platelets (every 2nd) and ambiguous stain blobs
-        junk = np.concatenate([np.asarray(L["platelets"]).reshape(-1, 2)[::2], np.asarray(L["ambiguous"]).reshape(-1, 2)])
+        # detector-style false positives as non-blasts: platelets (every 3rd) and ambiguous stain blobs
+        junk = np.concatenate([np.asarray(L["platelets"]).reshape(-1, 2)[::3], np.asarray(L["ambiguous"]).reshape(-1, 2)])
         for i, (x, y) in enumerate(junk):
             cells.append(Cell(f"junk/{rec.name}/{i}", "junk", str(rec.path), float(x), float(y), rbc, 0, rec.name))
     for c in idb2:  # unmapped crops (none expected): the crop itself is the field
@@ -196,7 +199,7 @@ def blank_crop() -> np.ndarray:
 
 def feature_cache(backbone_name: str, n_aug: int, cells: list[Cell], weights_file: str | None = None, tag: str = "", verbose: bool = True):
     """Backbone features of every cell view: dict(keys, feats float16 (N, 1+A, D), blank float32 (D,))."""
-    f = CACHE / f"feats_{backbone_name}_a{n_aug}{tag}.npz"
+    f = CACHE / f"feats_{backbone_name.replace(':', '-')}_a{n_aug}{tag}.npz"
     keys = [c.key for c in cells]
     have: dict[str, np.ndarray] = {}
     if f.exists():  # incremental: reuse every cached cell, compute only new ones
@@ -265,17 +268,18 @@ def make_modules(in_dim: int, dropout: float = 0.2):
 
 @dataclass
 class TrainConfig:
-    stage1_steps: int = 1500
-    stage2_steps: int = 2500
+    stage1_steps: int = 1000
+    stage2_steps: int = 1500
     bag_size: int = BAG_SIZE
-    batch1: int = 128
-    batch2: int = 64
+    batch1: int = 64
+    batch2: int = 32
     lr: float = 1e-3
     lr2: float = 5e-4
     aux_weight: float = 0.5
     stage1: bool = True
     seed: int = 0
     max_real: int | None = None  # default: bag_size
+    hard_neg_weight: float = 1.0  # sampling weight of normal WBCs from ALL fields (crowded, blast neighbours)
 
 
 def _pick_views(feats: np.ndarray, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -283,7 +287,8 @@ def _pick_views(feats: np.ndarray, idx: np.ndarray, rng: np.random.Generator) ->
     return feats[idx, v].astype(np.float32)
 
 
-def make_bags(n: int, blasts: np.ndarray, normals: np.ndarray, bag: int, rng: np.random.Generator, max_real: int | None = None):
+def make_bags(n: int, blasts: np.ndarray, normals: np.ndarray, bag: int, rng: np.random.Generator, max_real: int | None = None,
+              p_normals: np.ndarray | None = None):
     """Index bags (n, bag) into [blasts..., normals...] pool order; -1 = blank. Returns (idx, labels)."""
     max_real = max_real or bag
     idx = np.full((n, bag), -1, np.int64)
@@ -295,13 +300,21 @@ def make_bags(n: int, blasts: np.ndarray, normals: np.ndarray, bag: int, rng: np
             nb = int(rng.integers(1, min(3, k) + 1)) if rng.random() < 0.5 else int(rng.integers(1, k + 1))
         else:
             nb = 0
-        cells = np.concatenate([rng.choice(blasts, nb), nb_pool + rng.choice(normals, k - nb)]) if k - nb > 0 else rng.choice(blasts, nb)
+        cells = (np.concatenate([rng.choice(blasts, nb), nb_pool + rng.choice(normals, k - nb, p=p_normals)]) if k - nb > 0
+                 else rng.choice(blasts, nb))
         slots = rng.permutation(bag)[:k]
         idx[i, slots] = cells
     return idx, y
 
 
-def train(feats: np.ndarray, labels: np.ndarray, blank: np.ndarray, cfg: TrainConfig, verbose: bool = True):
+def sample_weights(cells: list[Cell], cfg: TrainConfig) -> np.ndarray:
+    """Per-cell sampling weight: ``hard_neg_weight`` for normal WBCs of ALL fields (name ends in _1)."""
+    return np.array([cfg.hard_neg_weight if (c.label == 0 and c.kind in ("idb1", "idb2") and c.idb1_field.endswith("_1"))
+                     else 1.0 for c in cells])
+
+
+def train(feats: np.ndarray, labels: np.ndarray, blank: np.ndarray, cfg: TrainConfig, verbose: bool = True,
+          weights: np.ndarray | None = None):
     """Train CellHead + AggNet on cached backbone features (N, V, D) with cell labels (N,)."""
     import torch
     from torch import nn
@@ -312,13 +325,15 @@ def train(feats: np.ndarray, labels: np.ndarray, blank: np.ndarray, cfg: TrainCo
     blasts = np.nonzero(labels == 1)[0]
     normals = np.nonzero(labels == 0)[0]
     pool = np.concatenate([blasts, normals])  # bag index -> feats row
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
+    pn = w[normals] / w[normals].sum()  # sampling distribution over normals
     blank_t = torch.from_numpy(blank.astype(np.float32))
     ce = nn.CrossEntropyLoss()
     params = list(head.parameters()) + list(agg.parameters())
 
     def single_batch(n):
         ib = rng.choice(blasts, n // 2)
-        inn = rng.choice(normals, n - n // 2)
+        inn = rng.choice(normals, n - n // 2, p=pn)
         idx = np.concatenate([ib, inn])
         x = torch.from_numpy(_pick_views(feats, idx, rng))
         y = torch.from_numpy(np.concatenate([np.ones(len(ib)), np.zeros(len(inn))]).astype(np.int64))
@@ -339,19 +354,18 @@ def train(feats: np.ndarray, labels: np.ndarray, blank: np.ndarray, cfg: TrainCo
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if verbose and (step + 1) % 500 == 0:
+            if verbose and (step + 1) % 250 == 0:
                 print(f"  stage1 {step + 1}/{cfg.stage1_steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
     opt = torch.optim.Adam(params, lr=cfg.lr2 if cfg.stage1 else cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.stage2_steps))
     for step in range(cfg.stage2_steps):
-        bidx, y = make_bags(cfg.batch2, np.arange(len(blasts)), np.arange(len(normals)), cfg.bag_size, rng, cfg.max_real)
+        bidx, y = make_bags(cfg.batch2, np.arange(len(blasts)), np.arange(len(normals)), cfg.bag_size, rng, cfg.max_real, pn)
         real = bidx >= 0
-        rows = pool[np.where(real, bidx, 0)]
-        x = torch.from_numpy(_pick_views(feats, rows, rng))  # (B, T, D)
-        e = head(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], EMB_DIM)
+        rows = pool[bidx[real]]
+        x = torch.from_numpy(_pick_views(feats, rows, rng))  # (n_real, D): the head runs on real cells only
         eb = head(blank_t[None])[0]
-        m = torch.from_numpy(real)[..., None]
-        e = torch.where(m, e, eb)
+        e = eb.expand(bidx.shape[0], bidx.shape[1], EMB_DIM)
+        e = e.index_put((torch.from_numpy(np.nonzero(real)[0]), torch.from_numpy(np.nonzero(real)[1])), head(x))
         logits, _ = agg(e)
         loss = ce(logits, torch.from_numpy(y))
         if cfg.aux_weight:
@@ -360,7 +374,7 @@ def train(feats: np.ndarray, labels: np.ndarray, blank: np.ndarray, cfg: TrainCo
         loss.backward()
         opt.step()
         sched.step()
-        if verbose and (step + 1) % 500 == 0:
+        if verbose and (step + 1) % 250 == 0:
             print(f"  stage2 {step + 1}/{cfg.stage2_steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
     head.eval()
     agg.eval()
@@ -438,7 +452,11 @@ def export_onnx(backbone_name: str, head, agg, out_dir: Path, threshold: float, 
             p.key, p.value = k, str(v)
         onnx.save(m, str(path))
 
-    meta(emb_path, {"allmil.kind": "embedder", "allmil.backbone": backbone_name, "allmil.input_size": 224, "allmil.version": 1})
+    from allmil_cli.train.backbones import split_spec
+
+    bname, pooling = split_spec(backbone_name)
+    meta(emb_path, {"allmil.kind": "embedder", "allmil.backbone": bname, "allmil.pooling": pooling, "allmil.input_size": 224,
+                    "allmil.version": 1})
     am = {"allmil.kind": "aggregator", "allmil.bag_size": BAG_SIZE, "allmil.threshold": f"{threshold:.4f}",
           "allmil.cell_threshold": f"{cell_threshold:.4f}", "allmil.combine": combine, "allmil.version": 1}
     am.update(extra_meta or {})
@@ -477,6 +495,7 @@ def train_final(backbone: str = "mobilenet_v2", n_aug: int = 6, tiny: bool = Fal
     import torch
 
     torch.set_num_threads(1)
+    t_start = time.time()
     cells = inventory()
     cfg = TrainConfig()
     tag = ""
@@ -490,7 +509,7 @@ def train_final(backbone: str = "mobilenet_v2", n_aug: int = 6, tiny: bool = Fal
         del rng
     fc = feature_cache(backbone, n_aug, cells, weights_file, tag=tag)
     labels = np.array([c.label for c in cells])
-    head, agg = train(fc["feats"], labels, fc["blank"], cfg)
+    head, agg = train(fc["feats"], labels, fc["blank"], cfg, weights=sample_weights(cells, cfg))
     sel = json.loads((CACHE / "selection.json").read_text()) if (CACHE / "selection.json").exists() else {}
     thr = threshold if threshold is not None else sel.get("threshold", 0.5)
     cthr = cell_threshold if cell_threshold is not None else sel.get("cell_threshold", 0.5)
@@ -503,7 +522,28 @@ def train_final(backbone: str = "mobilenet_v2", n_aug: int = 6, tiny: bool = Fal
     chk = check_onnx(emb, aggp, backbone, head, agg, crops, weights_file)
     chk.update({"threshold": thr, "cell_threshold": cthr, "combine": comb, "n_cells": len(cells),
                 "embedder_mb": emb.stat().st_size / 1e6, "aggregator_mb": aggp.stat().st_size / 1e6})
+    chk["seconds"] = time.time() - t_start
     print(json.dumps(chk, indent=1))
+    if not tiny and out_dir.resolve() == WEIGHTS.resolve():
+        from collections import Counter
+
+        from allmil_cli.train.evaluate import save_section
+
+        cnt = Counter((c.kind, c.label) for c in cells)
+        txt = f"""## Shipped models (`weights/embedder.onnx`, `weights/aggregator.onnx`)
+
+Command: `python -m allmil_cli.train.cells train` (backbone `{backbone}`, {n_aug} augmented views/cell;
+{chk['seconds'] / 60:.1f} min on this CPU including the feature cache if warm; a cold feature cache adds
+~10-15 min; `--tiny` is the CI smoke run). Trained on all data: {len(cells)} cells =
+{', '.join(f'{k[0]} label {k[1]}: {v}' for k, v in sorted(cnt.items()))}
+(`junk` = platelets / ambiguous stain blobs from ALL-IDB1 `other/`, as non-blasts).
+Metadata: threshold {thr:.3f}, cell_threshold {cthr:.3f}, combine `{comb}`, 5 shuffles, bag size 15.
+Sizes: embedder {chk['embedder_mb']:.1f} MB, aggregator {chk['aggregator_mb']:.1f} MB.
+
+ONNX (onnxruntime) vs torch on {chk['n_crops']} real crops: features max abs diff {chk['features_max_abs_diff']:.2e},
+p_all max abs diff {chk['p_all_max_abs_diff']:.2e}, patient vector {chk['patient_vector_max_abs_diff']:.2e}.
+"""
+        save_section("final", txt, chk)
     return chk
 
 
