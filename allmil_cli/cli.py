@@ -501,8 +501,18 @@ def train(
         import torch  # noqa: F401
     except ImportError:
         _fail("training needs PyTorch: pip install '.[train]' (torch and torchvision).", EXIT_USAGE)
+    import inspect
+
     module = importlib.import_module(TRAIN_STAGES[stage])
-    code = module.main(args)
+    if inspect.signature(module.main).parameters:
+        code = module.main(args)
+    else:  # argparse mains that read sys.argv
+        saved = sys.argv
+        sys.argv = [f"allmil train {stage}", *args]
+        try:
+            code = module.main()
+        finally:
+            sys.argv = saved
     raise typer.Exit(int(code or 0))
 
 

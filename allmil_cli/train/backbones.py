@@ -19,8 +19,11 @@ import importlib.util
 from pathlib import Path
 
 BACKBONES = ("alexnet", "resnet50", "vgg16", "inception_v3", "vit_b_16", "mobilenet_v2", "efficientnet_lite0")
-#: Best backbone whose weights ship offline here (see docs/classifier_results.md, backbone ablation).
-DEFAULT_BACKBONE = "mobilenet_v2"
+#: Best backbone whose weights ship offline here, with centre pooling (see docs/classifier_results.md,
+#: backbone ablation). A spec is ``name`` or ``name:pooling``.
+DEFAULT_BACKBONE = "mobilenet_v2:center"
+#: Augmented views per cell in the shipped feature cache (plus the un-augmented view).
+DEFAULT_AUG = 2
 
 # (torchvision builder, weights enum class, enum member, feature dim)
 _TV = {

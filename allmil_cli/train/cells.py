@@ -1,6 +1,7 @@
 """Cell embedder + LSTM aggregator: data, cached backbone features, two-stage training, ONNX export.
 
-Architecture (the paper's): frozen ImageNet CNN (``backbones.py``) -> trainable FC(256)+ReLU = the cell
+Architecture (the paper's): frozen ImageNet CNN (``backbones.py``; shipped: MobileNetV2 with centre
+pooling, i.e. [global average, central-3x3 average] of the last map) -> trainable FC(256)+ReLU = the cell
 *embedding*; the patient's cells (shuffled) -> LSTM(256 hidden) -> last hidden state -> FC(64)+ReLU =
 64-d *patient vector* -> FC(2) -> softmax, p_all.
 
@@ -34,7 +35,11 @@ Training (on cached features; minutes on one CPU core):
   (weight 0.5) keeps the single-cell view calibrated (``Aggregator.cell_scores`` relies on it).
 
 ``python -m allmil_cli.train.cells train`` trains the shipped models on all data and exports
-``weights/embedder.onnx`` + ``weights/aggregator.onnx``; ``--tiny`` is the CI smoke version.
+``weights/embedder.onnx`` + ``weights/aggregator.onnx``; ``--tiny`` is the CI smoke version. The patient
+threshold, cell threshold and combine rule come from protocol-2 out-of-fold predictions
+(``.cache/cells/selection.json``, written by ``python -m allmil_cli.train.evaluate combine``, run
+automatically when missing); the threshold is baked into the output bias (logit shift) so the exported
+``p_all`` is thresholded at 0.5 (``allmil.threshold``), raw values kept in ``allmil.threshold_raw``.
 """
 
 from __future__ import annotations
@@ -123,6 +128,25 @@ def inventory(refresh: bool = False) -> list[Cell]:
             cells.append(Cell(f"bccd/{rec.name}/{i}", "bccd", str(rec.path), float(x0 + x1) / 2, float(y0 + y1) / 2, rbc, 0, ""))
     CACHE.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps([asdict(c) for c in cells]))
+    return cells
+
+
+def tiny_inventory(n_fields: int = 2, per_field: int = 3) -> list[Cell]:
+    """CI smoke data: a few ground-truth cells of 2 ALL and 2 healthy ALL-IDB1 fields (no idb2 map, no cache)."""
+    from allmil_cli.train.detector import idb1_labels
+
+    recs = read_all_idb1()
+    if not recs:
+        raise FileNotFoundError("ALL-IDB1 not found (../shared/data/ALL-IDB1)")
+    pick = [r for r in recs if r.label == 1][:n_fields] + [r for r in recs if r.label == 0][:n_fields]
+    cells: list[Cell] = []
+    for rec in pick:
+        rgb = load_rgb(rec.path)
+        rbc = estimate_rbc_diameter(rgb)
+        L = idb1_labels(rec, rgb, rbc)
+        for lab, pts in ((1, L["blasts"]), (0, L["normals"])):
+            for i, (x, y) in enumerate(np.asarray(pts).reshape(-1, 2)[:per_field]):
+                cells.append(Cell(f"idb1/{rec.name}/{lab}/{i}", "idb1", str(rec.path), float(x), float(y), rbc, lab, rec.name))
     return cells
 
 
@@ -488,7 +512,16 @@ def check_onnx(emb_path: Path, agg_path: Path, backbone_name: str, head, agg, cr
 
 
 # ------------------------------------------------------------------------------------------------- main
-def train_final(backbone: str = "mobilenet_v2", n_aug: int = 6, tiny: bool = False, weights_file: str | None = None,
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def train_final(backbone: str = "mobilenet_v2:center", n_aug: int = 2, tiny: bool = False, weights_file: str | None = None,
                 threshold: float | None = None, cell_threshold: float | None = None, combine: str | None = None,
                 out_dir: Path = WEIGHTS) -> dict:
     """Shipped models: all cells (ALL-IDB1 + ALL-IDB2 + BCCD train/val), then ONNX export + check."""
@@ -496,26 +529,39 @@ def train_final(backbone: str = "mobilenet_v2", n_aug: int = 6, tiny: bool = Fal
 
     torch.set_num_threads(1)
     t_start = time.time()
-    cells = inventory()
+    cells = [] if tiny else inventory()
     cfg = TrainConfig()
     tag = ""
     if tiny:  # CI smoke: a handful of cells, 1 augmentation, a few steps
-        rng = np.random.default_rng(0)
-        pos = [c for c in cells if c.label == 1][:6]
-        neg = [c for c in cells if c.label == 0][:6]
-        cells = pos + neg
         n_aug, tag = 1, "_tiny"
+        cells = tiny_inventory()
         cfg = TrainConfig(stage1_steps=5, stage2_steps=5, batch1=8, batch2=4)
-        del rng
     fc = feature_cache(backbone, n_aug, cells, weights_file, tag=tag)
     labels = np.array([c.label for c in cells])
     head, agg = train(fc["feats"], labels, fc["blank"], cfg, weights=sample_weights(cells, cfg))
-    sel = json.loads((CACHE / "selection.json").read_text()) if (CACHE / "selection.json").exists() else {}
+    if not tiny and threshold is None and not (CACHE / "selection.json").exists():
+        # patient threshold / combine rule from protocol-2 out-of-fold predictions (5 fold models)
+        from allmil_cli.train import evaluate as ev
+
+        ev.ARGS.update(backbone=backbone, augment=n_aug)
+        ev.run_combine(argparse.Namespace(what="combine", cells="auto", backbone=backbone, augment=n_aug))
+    sel = json.loads((CACHE / "selection.json").read_text()) if (CACHE / "selection.json").exists() and not tiny else {}
     thr = threshold if threshold is not None else sel.get("threshold", 0.5)
     cthr = cell_threshold if cell_threshold is not None else sel.get("cell_threshold", 0.5)
     comb = combine or sel.get("combine", "max")
+    # Operating point baked into the graph: shift the ALL-vs-normal logit by -logit(thr) so that the
+    # exported p_all crosses 0.5 exactly where the raw model crosses the OOF-selected threshold (and the
+    # product's indeterminate band around its threshold stays meaningful). The cell threshold is shifted
+    # by the same amount, so 'blast-like' counts are unchanged.
+    shift = _logit(thr)
+    with torch.no_grad():
+        agg.out.bias[1] -= shift / 2
+        agg.out.bias[0] += shift / 2
+    thr_raw, cthr_raw = thr, cthr
+    thr, cthr = 0.5, _sigmoid(_logit(cthr) - shift)
     emb, aggp = export_onnx(backbone, head, agg, out_dir, thr, cthr, comb, weights_file,
-                            extra_meta={"allmil.shuffles": sel.get("shuffles", 5)})
+                            extra_meta={"allmil.shuffles": sel.get("shuffles", 5), "allmil.logit_shift": f"{shift:.4f}",
+                                        "allmil.threshold_raw": f"{thr_raw:.4f}", "allmil.cell_threshold_raw": f"{cthr_raw:.4f}"})
     # ONNX vs torch on real crops
     rgb_cells = cells[:: max(1, len(cells) // 16)][:16]
     crops = np.concatenate([crop_cells(load_rgb(Path(c.path)), np.array([[c.x, c.y]]), c.rbc_px) for c in rgb_cells])
@@ -537,7 +583,10 @@ Command: `python -m allmil_cli.train.cells train` (backbone `{backbone}`, {n_aug
 ~10-15 min; `--tiny` is the CI smoke run). Trained on all data: {len(cells)} cells =
 {', '.join(f'{k[0]} label {k[1]}: {v}' for k, v in sorted(cnt.items()))}
 (`junk` = platelets / ambiguous stain blobs from ALL-IDB1 `other/`, as non-blasts).
-Metadata: threshold {thr:.3f}, cell_threshold {cthr:.3f}, combine `{comb}`, 5 shuffles, bag size 15.
+Metadata: threshold {thr:.3f}, cell_threshold {cthr:.4f}, combine `{comb}`, 5 shuffles, bag size 15. The
+out-of-fold operating point (raw p_all threshold {thr_raw:.4f}, raw cell threshold {cthr_raw:.4f}) is baked into
+the output layer: the ALL-vs-normal logit is shifted by -{shift:.3f} (= -logit({thr_raw:.4f})), so the exported
+p_all crosses 0.5 where the raw model crosses {thr_raw:.4f}; cell scores shift alike (blast-like counts unchanged).
 Sizes: embedder {chk['embedder_mb']:.1f} MB, aggregator {chk['aggregator_mb']:.1f} MB.
 
 ONNX (onnxruntime) vs torch on {chk['n_crops']} real crops: features max abs diff {chk['features_max_abs_diff']:.2e},
@@ -551,9 +600,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="cell embedder + LSTM aggregator")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the shipped models on all data and export weights/*.onnx")
-    t.add_argument("--backbone", default=None)
+    t.add_argument("--backbone", default=None, help="name[:pooling], e.g. mobilenet_v2:center (default), resnet50:avg")
     t.add_argument("--backbone-weights", default=None)
-    t.add_argument("--augment", type=int, default=6, help="augmented views per cell (features cached)")
+    t.add_argument("--augment", type=int, default=None, help="augmented views per cell (features cached; default 2)")
     t.add_argument("--tiny", action="store_true", help="CI smoke run: 12 cells, 1 view, 5 steps")
     t.add_argument("--out", default=str(WEIGHTS))
     t.add_argument("--threshold", type=float, default=None)
@@ -565,9 +614,10 @@ def main() -> None:
 
         print(Counter((c.kind, c.label) for c in cells))
         return
-    from allmil_cli.train.backbones import DEFAULT_BACKBONE
+    from allmil_cli.train.backbones import DEFAULT_AUG, DEFAULT_BACKBONE
 
-    train_final(a.backbone or DEFAULT_BACKBONE, a.augment, a.tiny, a.backbone_weights, a.threshold, out_dir=Path(a.out))
+    train_final(a.backbone or DEFAULT_BACKBONE, a.augment if a.augment is not None else DEFAULT_AUG, a.tiny,
+                a.backbone_weights, a.threshold, out_dir=Path(a.out))
 
 
 if __name__ == "__main__":

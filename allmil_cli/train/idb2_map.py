@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from allmil_cli.train.data import load_rgb, read_all_idb1, read_all_idb2
 

@@ -1,0 +1,57 @@
+"""``allmil train all``: rebuild every shipped model and every reported number, in order.
+
+1. detector: cache, 5-fold models + held-out recall, threshold, final model, BCCD AP50
+   (``python -m allmil_cli.train.detector all``, ~24 min);
+2. idb2_map: where each ALL-IDB2 crop was cut from in ALL-IDB1 (~5 min);
+3. inventory: the training cells; combine: protocol-2 fold models, bag rule, operating point (~15 min);
+4. cells: embedder (frozen backbone + FC256) and LSTM aggregator on all data (~2 min);
+5. evaluate: protocols 1 and 2, stress test, ablations (``python -m allmil_cli.train.evaluate all``, ~40 min);
+6. ``weights/manifest.json`` (sha256 of each model).
+
+Each step runs in its own Python process, so a failure names its step. ``--skip`` leaves steps out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = {
+    "detector": ["-m", "allmil_cli.train.detector", "all"],
+    "idb2_map": ["-m", "allmil_cli.train.idb2_map"],
+    "inventory": ["-m", "allmil_cli.train.cells", "inventory"],
+    "combine": ["-m", "allmil_cli.train.evaluate", "combine"],
+    "cells": ["-m", "allmil_cli.train.cells", "train"],
+    "evaluate": ["-m", "allmil_cli.train.evaluate", "all"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="allmil train all", description=__doc__.split("\n")[0])
+    ap.add_argument("--skip", nargs="*", default=[], choices=sorted(STEPS), help="steps to leave out")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    for name, args in STEPS.items():
+        if name in a.skip:
+            continue
+        print(f"== {name}: {sys.executable} {' '.join(args)}", flush=True)
+        t = time.time()
+        code = subprocess.call([sys.executable, *args], cwd=REPO)
+        if code != 0:
+            print(f"step {name} failed with exit code {code}", file=sys.stderr)
+            return code
+        print(f"== {name} done in {time.time() - t:.0f}s", flush=True)
+    from allmil_cli.models import write_manifest
+
+    for model, digest in write_manifest(REPO / "weights").items():
+        print(f"{digest}  {model}")
+    print(f"all done in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The shipped weights on the shipped examples: the README's main job, for real."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from typer.testing import CliRunner
+
+from allmil_cli.cli import app
+from allmil_cli.models import load_models, sha256_of
+
+from tests.conftest import EXAMPLES, shipped_weights_or_skip
+
+
+def test_manifest_matches_shipped_models():
+    w = shipped_weights_or_skip()
+    manifest = json.loads((w / "manifest.json").read_text())["sha256"]
+    assert {k: sha256_of(w / k) for k in manifest} == manifest
+    models = load_models(w, device="cpu")
+    assert models.metadata("detector")["allmil.kind"] == "detector"
+    assert models.metadata("aggregator")["allmil.bag_size"] == "15"
+
+
+def test_examples_are_called_normal(tmp_path):
+    """BCCD fields (normal / non-leukemic blood, BCCD test split: never trained on) must not be called ALL."""
+    shipped_weights_or_skip()
+    out = tmp_path / "report.csv"
+    r = CliRunner().invoke(app, ["diagnose", str(EXAMPLES), "--out", str(out), "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert len(rows) == 3
+    for row in rows:
+        assert row["status"] == "ok" and row["call"] == "normal" and float(row["p_all"]) < 0.2
+        assert int(row["n_cells"]) >= int(row["n_images"])  # every BCCD field shows at least one WBC
+    doc = json.loads((tmp_path / "r.json").read_text())
+    for p in doc["patients"]:
+        for c in p["cells"]:
+            assert 0.0 <= c["blast_score"] <= 1.0 and c["blast_like"] is False
