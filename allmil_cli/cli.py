@@ -354,6 +354,7 @@ def detect(
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["patient", "image", "x0", "y0", "x1", "y1", "cx", "cy", "score"])
     problems = 0
+    pipeline.prefetch(patients)
     try:
         with _progress(len(patients), quiet, "detect") as tick:
             for patient in patients:
@@ -375,6 +376,8 @@ def detect(
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: no report written.")
         raise typer.Exit(EXIT_INTERRUPTED)
+    finally:
+        pipeline.close()
     write_report(out, buf.getvalue())
     raise typer.Exit(EXIT_OK if problems == 0 else EXIT_PARTIAL)
 

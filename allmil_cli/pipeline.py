@@ -8,8 +8,9 @@ once per field (detector) and in batches (embedder, aggregator).
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from allmil_cli.models import Models
 from allmil_cli.scale import estimate_rbc_diameter
 
 REMOVE_CHOICES = ("none", "blasts", "normals")
+#: Files decoded ahead of the one being analysed (bounds memory: at most this many decoded files wait).
+LOOKAHEAD = 2
 
 
 @dataclass
@@ -136,14 +139,18 @@ class Pipeline:
         self.aggregator = Aggregator(models.aggregator, self.embedder.blank_features())
         self.threshold = self.options.threshold if self.options.threshold is not None else self.aggregator.threshold
         self.cell_threshold = self.aggregator.cell_threshold
+        self._executor: ThreadPoolExecutor | None = None
+        self._upcoming: deque[Path] = deque()
+        self._pending: deque[tuple[Path, Future]] = deque()
 
     # -- one field -----------------------------------------------------------------------------
-    def locate_cells(self, fld: Field) -> tuple[list[Cell], float]:
-        """Scale estimate + WBC detection on one decoded field."""
+    def locate_cells(self, fld: Field, rbc_px: float | None = None) -> tuple[list[Cell], float]:
+        """WBC detection on one decoded field (``rbc_px``: its red-cell ruler; measured when None)."""
         t = time.perf_counter()
         rgb = fld.rgb
-        rbc_px = float(self.options.cell_size) if self.options.cell_size else estimate_rbc_diameter(rgb)
-        t = self.timer.add("scale", t)
+        if rbc_px is None:
+            rbc_px = float(self.options.cell_size) if self.options.cell_size else estimate_rbc_diameter(rgb)
+            t = self.timer.add("scale", t)
         dets = detect_cells(self.models.detector, rgb, rbc_px, self.options.detect_threshold)
         self.timer.add("detect", t)
         cells = [
@@ -152,9 +159,9 @@ class Pipeline:
         ]
         return cells, rbc_px
 
-    def analyse_field(self, fld: Field) -> tuple[ImageResult, list[Cell], np.ndarray, float]:
+    def analyse_field(self, fld: Field, rbc_px: float | None = None) -> tuple[ImageResult, list[Cell], np.ndarray, float]:
         """Detect, crop and embed the cells of one decoded field."""
-        cells, rbc_px = self.locate_cells(fld)
+        cells, rbc_px = self.locate_cells(fld, rbc_px)
         t = time.perf_counter()
         centres = np.asarray([(c.x, c.y) for c in cells], dtype=np.float64).reshape(-1, 2)
         crops = crop_cells(fld.rgb, centres, rbc_px)
@@ -166,20 +173,58 @@ class Pipeline:
         return info, cells, feats, rbc_px
 
     # -- one patient -------------------------------------------------------------------------------
-    def iter_fields(self, patient: Patient, images: list[ImageResult], notes: list[str]) -> Iterator[Field]:
-        """Decode each of the patient's files once; unusable files become ``failed`` entries in ``images``."""
+    def _read(self, path: Path) -> tuple[list[tuple[Field, float]], list[str]]:
+        """Decode one file and measure each field's red-cell ruler (runs in the look-ahead thread)."""
+        try:
+            fields, notes = load_fields(path, max_pixels=self.options.max_pixels)
+        except ImageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unexpected decoder failure is this file's problem only
+            raise ImageError(f"{path}: unexpected error while reading ({exc}); re-export the image.") from exc
+        cs = self.options.cell_size
+        return [(f, float(cs) if cs else estimate_rbc_diameter(f.rgb)) for f in fields], notes
+
+    def _schedule(self, paths: list[Path]) -> None:
+        """Queue files to be decoded ahead, in order, at most ``LOOKAHEAD`` at a time."""
+        self._upcoming.extend(paths)
+        self._refill()
+
+    def _refill(self) -> None:
+        while self._upcoming and len(self._pending) < LOOKAHEAD:
+            path = self._upcoming.popleft()
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="allmil-decode")
+            self._pending.append((path, self._executor.submit(self._read, path)))
+
+    def _fetch(self, path: Path) -> tuple[list[tuple[Field, float]], list[str]]:
+        if any(p == path for p, _ in self._pending):
+            while True:  # files scheduled before this one were skipped by the caller: drop them
+                p, future = self._pending.popleft()
+                if p == path:
+                    break
+                future.cancel()
+            self._refill()
+            return future.result()
+        return self._read(path)  # not scheduled (direct library use): read now
+
+    def iter_fields(self, patient: Patient, images: list[ImageResult], notes: list[str]) -> Iterator[tuple[Field, float]]:
+        """Each decoded field of the patient with its red-cell ruler; unusable files become ``failed`` entries.
+
+        Files are decoded once, one or two files ahead in a background thread (decoding and the networks
+        overlap); the time spent waiting for a file is counted as ``decode``.
+        """
         for path in patient.images:
             t = time.perf_counter()
             try:
-                fields, page_notes = load_fields(path, max_pixels=self.options.max_pixels)
+                fields, page_notes = self._fetch(path)
             except ImageError as exc:
                 self.timer.add("decode", t)
                 images.append(ImageResult(image=path.name, status="failed", reason=str(exc)))
                 continue
             self.timer.add("decode", t)
             notes.extend(page_notes)
-            for fld in fields:
-                yield fld
+            for item in fields:
+                yield item
             del fields
 
     def detect_patient(self, patient: Patient, with_crops: bool = False) -> tuple[list[ImageResult], list[Cell], list[np.ndarray]]:
@@ -188,9 +233,9 @@ class Pipeline:
         notes: list[str] = []
         cells: list[Cell] = []
         crops: list[np.ndarray] = []
-        for fld in self.iter_fields(patient, images, notes):
+        for fld, rbc in self.iter_fields(patient, images, notes):
             try:
-                fcells, rbc_px = self.locate_cells(fld)
+                fcells, rbc_px = self.locate_cells(fld, rbc)
             except Exception as exc:  # noqa: BLE001 - one field's failure is reported, not fatal
                 images.append(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: detection failed ({exc})."))
                 continue
@@ -204,9 +249,9 @@ class Pipeline:
     def collect(self, patient: Patient) -> Evidence:
         """Decode, detect, crop and embed all of a patient's fields (the expensive part)."""
         ev = Evidence()
-        for fld in self.iter_fields(patient, ev.images, ev.notes):
+        for fld, rbc in self.iter_fields(patient, ev.images, ev.notes):
             try:
-                info, fcells, ffeats, rbc_px = self.analyse_field(fld)
+                info, fcells, ffeats, rbc_px = self.analyse_field(fld, rbc)
             except Exception as exc:  # noqa: BLE001 - a model failure on one field must not lose the batch
                 ev.images.append(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: analysis failed ({exc})."))
                 continue
@@ -287,8 +332,28 @@ class Pipeline:
                              features=X if opts.keep_features else None, **base)
 
     def run(self, patients: Iterable[Patient], on_done: Callable[[PatientResult], None] | None = None) -> Iterator[PatientResult]:
-        for patient in patients:
-            result = self.diagnose_patient(patient)
-            if on_done:
-                on_done(result)
-            yield result
+        """Diagnose patients one by one (streamed), decoding upcoming files ahead in a background thread."""
+        patients = list(patients)
+        self.prefetch(patients)
+        try:
+            for patient in patients:
+                result = self.diagnose_patient(patient)
+                if on_done:
+                    on_done(result)
+                yield result
+        finally:
+            self.close()
+
+    def prefetch(self, patients: Iterable[Patient]) -> None:
+        """Announce the order in which patients will be processed, so their files are decoded ahead."""
+        self._schedule([path for p in patients for path in p.images])
+
+    def close(self) -> None:
+        """Stop the look-ahead thread (pending decodes are dropped)."""
+        self._upcoming.clear()
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None

@@ -27,15 +27,18 @@ def run_stress_test(
     """One row per condition: recall over labelled ALL patients (+ specificity, counts)."""
     pipeline = Pipeline(models, options)
     by_condition: dict[str, list[PatientResult]] = {c: [] for c in conditions}
-    for patient in patients:
-        if patient.name not in labels:
-            continue
-        evidence = pipeline.collect(patient)
-        for cond in conditions:
-            result = pipeline.decide(patient, evidence, remove=cond)
-            by_condition[cond].append(result)
-            if on_done:
-                on_done(result)
+    labelled = [p for p in patients if p.name in labels]
+    pipeline.prefetch(labelled)
+    try:
+        for patient in labelled:
+            evidence = pipeline.collect(patient)
+            for cond in conditions:
+                result = pipeline.decide(patient, evidence, remove=cond)
+                by_condition[cond].append(result)
+                if on_done:
+                    on_done(result)
+    finally:
+        pipeline.close()
     rows = []
     for cond, results in by_condition.items():
         # A patient left with no cell cannot be called ALL: it counts as a negative call.

@@ -212,13 +212,16 @@ def run_allmil(models: Models, paths: list[Path], name: str) -> Phase:
     pipeline = Pipeline(models, Options(), timer=timer)
     phase = Phase(name)
     results: list[PatientResult] = []
+    patients = patients_for(paths)
     with measured(phase):
-        for patient in patients_for(paths):
+        pipeline.prefetch(patients)  # as Pipeline.run / the CLI do: decode the next files in a thread
+        for patient in patients:
             t = time.perf_counter()
             results.append(pipeline.diagnose_patient(patient))
             dt = time.perf_counter() - t
             phase.per_field_s.append(dt)
             phase.per_path_s[patient.images[0]] = dt
+        pipeline.close()
         t = time.perf_counter()
         build_reports(results, models)
         timer.add("report", t)

@@ -226,3 +226,20 @@ def test_diagnose_runs_without_torch(patients_dir, tiny_weights, tmp_path):
     check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
     assert check.returncode != 0  # the blocker really blocks
     assert len(read_csv(tmp_path / "r.csv")) == 3
+
+
+def test_library_pipeline_with_lookahead_matches_direct_calls(patients_dir, tiny_weights):
+    """Decoding ahead in a thread must not change any result, and skipping a patient must be safe."""
+    from allmil_cli.images import discover_patients
+    from allmil_cli.models import load_models
+    from allmil_cli.pipeline import Pipeline
+
+    patients, _ = discover_patients(patients_dir)
+    pipe = Pipeline(load_models(tiny_weights, device="cpu"))
+    streamed = list(pipe.run(patients))
+    direct = [Pipeline(load_models(tiny_weights, device="cpu")).diagnose_patient(p) for p in patients]
+    assert [(r.patient, r.p_all, r.n_cells) for r in streamed] == [(r.patient, r.p_all, r.n_cells) for r in direct]
+    pipe.prefetch(patients)
+    skipped_first = pipe.diagnose_patient(patients[2])  # patients 0 and 1 were scheduled but are skipped
+    pipe.close()
+    assert skipped_first.n_cells == direct[2].n_cells and skipped_first.p_all == direct[2].p_all
