@@ -84,6 +84,7 @@ CellSize = Annotated[Optional[float], typer.Option("--cell-size", min=4.0, help=
 Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per model [default: all cores].")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images above this many pixels (decompression-bomb guard).")]
+DecodeWorkers = Annotated[int, typer.Option("--decode-workers", min=1, max=64, help="Threads decoding upcoming images while the networks run (raise it on GPU machines).")]
 DetThreshold = Annotated[Optional[float], typer.Option("--detect-threshold", min=0.0, max=1.0, help="Detector peak threshold [default: the model's].")]
 
 
@@ -227,6 +228,7 @@ def diagnose(
     detect_threshold: DetThreshold = None,
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
+    decode_workers: DecodeWorkers = 1,
     quiet: Quiet = False,
 ) -> None:
     """Call each patient ALL / normal / indeterminate, with p_all and the blast-like cells behind it.
@@ -245,7 +247,7 @@ def diagnose(
     _check_output(out, "--out")
     _check_output(json_out, "--json")
     options = Options(cell_size=cell_size, threshold=threshold, indeterminate_band=band, min_cells=min_cells,
-                      detect_threshold=detect_threshold, max_pixels=max_pixels)
+                      detect_threshold=detect_threshold, max_pixels=max_pixels, decode_workers=decode_workers)
     patients, models, pipeline, results = _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, "diagnose")
     truth = _labels(labels, [p.name for p in patients])
     metrics = metrics_for(results, truth, pipeline.threshold) if truth else None
@@ -274,6 +276,7 @@ def stress_test(
     cell_size: CellSize = None,
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
+    decode_workers: DecodeWorkers = 1,
     quiet: Quiet = False,
 ) -> None:
     """The paper's stress test: recall on ALL patients after removing blast cells, or normal cells.
@@ -299,7 +302,7 @@ def stress_test(
     if not any(v == 1 for v in truth_labels.values()):
         _fail("no ALL patient among the labels: recall is undefined; pass --labels with at least one ALL patient.", EXIT_USAGE)
     models = _models(weights, device, threads, quiet)
-    options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth)
+    options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth, decode_workers=decode_workers)
     try:
         with _progress(len(patients) * len(conditions), quiet, "stress-test") as tick:
             rows = run_stress_test(models, patients, truth_labels, conditions, options, on_done=lambda r: tick(r.patient))
@@ -335,6 +338,7 @@ def detect(
     detect_threshold: DetThreshold = None,
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
+    decode_workers: DecodeWorkers = 1,
     quiet: Quiet = False,
 ) -> None:
     """Find the white blood cells in every field: one CSV row per cell (patient, image, box, score).
@@ -349,7 +353,8 @@ def detect(
     _check_output(out, "--out")
     patients = _patients(input_dir, per_image, quiet)
     models = _models(weights, device, threads, quiet)
-    pipeline = Pipeline(models, Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels))
+    pipeline = Pipeline(models, Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels,
+                                        decode_workers=decode_workers))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["patient", "image", "x0", "y0", "x1", "y1", "cx", "cy", "score"])
@@ -409,6 +414,7 @@ def embed(
     cell_size: CellSize = None,
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
+    decode_workers: DecodeWorkers = 1,
     quiet: Quiet = False,
 ) -> None:
     """Per-cell 256-d feature vectors, boxes and blast scores for every detected cell, as one .npz.
@@ -426,7 +432,7 @@ def embed(
     from allmil_cli.report import atomic_write
 
     _check_output(out, "--out")
-    options = Options(cell_size=cell_size, max_pixels=max_pixels, keep_features=True, min_cells=1)
+    options = Options(cell_size=cell_size, max_pixels=max_pixels, keep_features=True, min_cells=1, decode_workers=decode_workers)
     _, _, _, results = _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, "embed")
     feats, boxes, centres, det, blast, pat, img = [], [], [], [], [], [], []
     for r in results:

@@ -25,8 +25,8 @@ from allmil_cli.models import Models
 from allmil_cli.scale import estimate_rbc_diameter
 
 REMOVE_CHOICES = ("none", "blasts", "normals")
-#: Files decoded ahead of the one being analysed (bounds memory: at most this many decoded files wait).
-LOOKAHEAD = 2
+#: Files decoded ahead per decode worker (bounds memory: at most 2 x workers decoded files wait).
+LOOKAHEAD_PER_WORKER = 2
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Options:
     remove: str = "none"  # stress test: drop "blasts" or "normals" before the patient call
     truth_dir: Path | None = None  # stress test: .xyc blast centroids per image stem (else model scores)
     keep_features: bool = False  # keep per-cell features/crops-free arrays for `allmil embed`
+    decode_workers: int = 1  # threads decoding upcoming files (more pays off when the networks run on a GPU)
 
 
 @dataclass
@@ -190,10 +191,11 @@ class Pipeline:
         self._refill()
 
     def _refill(self) -> None:
-        while self._upcoming and len(self._pending) < LOOKAHEAD:
+        workers = max(1, int(self.options.decode_workers))
+        while self._upcoming and len(self._pending) < LOOKAHEAD_PER_WORKER * workers:
             path = self._upcoming.popleft()
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="allmil-decode")
+                self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="allmil-decode")
             self._pending.append((path, self._executor.submit(self._read, path)))
 
     def _fetch(self, path: Path) -> tuple[list[tuple[Field, float]], list[str]]:
@@ -210,7 +212,7 @@ class Pipeline:
     def iter_fields(self, patient: Patient, images: list[ImageResult], notes: list[str]) -> Iterator[tuple[Field, float]]:
         """Each decoded field of the patient with its red-cell ruler; unusable files become ``failed`` entries.
 
-        Files are decoded once, one or two files ahead in a background thread (decoding and the networks
+        Files are decoded once, a few files ahead in background threads (``Options.decode_workers``) (decoding and the networks
         overlap); the time spent waiting for a file is counted as ``decode``.
         """
         for path in patient.images:

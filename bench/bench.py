@@ -206,10 +206,10 @@ def build_reports(results: list[PatientResult], models: Models) -> tuple[str, st
     return csv_text(results), report_json(results, meta)
 
 
-def run_allmil(models: Models, paths: list[Path], name: str) -> Phase:
+def run_allmil(models: Models, paths: list[Path], name: str, decode_workers: int = 1) -> Phase:
     Pipeline(models, Options()).diagnose_patient(patients_for(paths[:1])[0])  # warm-up on one image
     timer = StageTimer()
-    pipeline = Pipeline(models, Options(), timer=timer)
+    pipeline = Pipeline(models, Options(decode_workers=decode_workers), timer=timer)
     phase = Phase(name)
     results: list[PatientResult] = []
     patients = patients_for(paths)
@@ -428,6 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--baseline-images", type=int, default=5, help="first N of those for the slow baseline (0 = skip)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--decode-workers", type=int, default=1, help="allmil decode look-ahead threads (raise on a GPU machine)")
     ap.add_argument("--scaling", action="store_true", help="also time embed/aggregate vs cells per patient")
     ap.add_argument("--scaling-cells", default="1,10,100,1000")
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS vs number of patients (subprocesses)")
@@ -494,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n== {label}: {len(paths)} image(s) ==")
         floor[key] = run_floor(paths, decode_full, f"floor (full decode) {label}")
         draft[key] = run_floor(paths, decode_draft, f"draft 1/4 decode {label}")
-        ours[key] = run_allmil(models, paths, f"allmil {label}")
+        ours[key] = run_allmil(models, paths, f"allmil {label}", args.decode_workers)
         print(f"  floor {floor[key].ms():.1f} ms/field, allmil {ours[key].ms():.1f} ms/field")
     baseline = None
     if args.baseline_images > 0:
