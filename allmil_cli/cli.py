@@ -78,14 +78,14 @@ def main(
 # ---- shared option types --------------------------------------------------------------------------
 InputDir = Annotated[Path, typer.Argument(help="Folder with one subfolder per patient (or images, with --per-image).", show_default=False)]
 PerImage = Annotated[bool, typer.Option("--per-image", help="Treat every image as its own patient (ALL-IDB1 style).")]
-Weights = Annotated[Optional[Path], typer.Option("--weights", help="Folder with detector/embedder/aggregator .onnx and manifest.json [default: shipped].")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="Folder with detector/embedder/aggregator .onnx and manifest.json \\[default: shipped].")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto uses CUDA when onnxruntime-gpu sees a GPU, else the CPU.")]
 CellSize = Annotated[Optional[float], typer.Option("--cell-size", min=4.0, help="Red-cell diameter in pixels; skips the automatic magnification estimate. ALL-IDB1 ~85, BCCD ~110.")]
-Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per model [default: all cores].")]
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per model \\[default: all cores].")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images above this many pixels (decompression-bomb guard).")]
 DecodeWorkers = Annotated[int, typer.Option("--decode-workers", min=1, max=64, help="Threads decoding upcoming images while the networks run (raise it on GPU machines).")]
-DetThreshold = Annotated[Optional[float], typer.Option("--detect-threshold", min=0.0, max=1.0, help="Detector peak threshold [default: the model's].")]
+DetThreshold = Annotated[Optional[float], typer.Option("--detect-threshold", min=0.0, max=1.0, help="Detector peak threshold \\[default: the model's].")]
 
 
 def _fail(message: str, code: int) -> None:
@@ -222,7 +222,7 @@ def diagnose(
     weights: Weights = None,
     device: DeviceOpt = Device.auto,
     cell_size: CellSize = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="p_all above which the call is ALL [default: the model's].")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="p_all above which the call is ALL \\[default: the model's].")] = None,
     band: Annotated[float, typer.Option("--indeterminate-band", min=0.0, max=0.5, help="Calls with |p_all - threshold| below this are 'indeterminate'.")] = 0.05,
     min_cells: Annotated[int, typer.Option("--min-cells", min=1, help="Patients with fewer white cells are 'insufficient'.")] = 1,
     detect_threshold: DetThreshold = None,
@@ -266,7 +266,7 @@ def diagnose(
 @app.command("stress-test", epilog=EPILOG_CODES)
 def stress_test(
     input_dir: InputDir,
-    remove: Annotated[Optional[list[Remove]], typer.Option("--remove", help="Condition(s) to run; repeat the flag. [default: none, blasts, normals]")] = None,
+    remove: Annotated[Optional[list[Remove]], typer.Option("--remove", help="Condition(s) to run; repeat the flag. \\[default: none, blasts, normals]")] = None,
     truth: Annotated[Optional[Path], typer.Option("--truth", help="Folder of <image-stem>.xyc blast centroids (ALL-IDB1 xyc/). Without it, cells are removed by the model's own blast score.")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV 'patient,label'. Without it, ALL-IDB names (_1 = ALL) are used when they fit.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV with one row per condition (recall and counts).")] = None,
