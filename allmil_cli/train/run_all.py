@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 STEPS = {
     "detector": ["-m", "allmil_cli.train.detector", "all"],
-    "magnification": ["-m", "allmil_cli.train.magnification"],
+    "magnification": ["-m", "allmil_cli.train.magnification", "--stains"],
     "idb2_map": ["-m", "allmil_cli.train.idb2_map"],
     "inventory": ["-m", "allmil_cli.train.cells", "inventory"],
     "combine": ["-m", "allmil_cli.train.evaluate", "combine"],
