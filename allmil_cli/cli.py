@@ -30,6 +30,7 @@ from rich.table import Table
 from allmil_cli import __version__
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+SUMMARY_ROWS = 50  # patients shown in the terminal table; the report holds all
 
 EPILOG_CODES = "Exit codes: 0 all patients ok; 1 some patients failed/insufficient (reports written); 2 usage/input error; 3 model error; 130 interrupted."
 
@@ -180,11 +181,17 @@ def _print_summary(results, pipeline, metrics: Optional[dict[str, Any]]) -> None
     for col in ("patient", "status", "call", "p_all", "images", "cells", "blast-like", "reason"):
         table.add_column(col, overflow="fold")
     colour = {"ALL": "bold red", "normal": "green", "indeterminate": "yellow"}
-    for r in results:
+    for r in results[:SUMMARY_ROWS]:
         p = "" if r.p_all != r.p_all else f"{r.p_all:.3f}"
         table.add_row(escape(r.patient), r.status, f"[{colour.get(r.call, '')}]{r.call}[/]", p, str(r.n_images), str(r.n_cells),
                       str(r.n_blast_like), escape(r.reason[:160]))
     err.print(table)
+    if len(results) > SUMMARY_ROWS:
+        err.print(f"... and {len(results) - SUMMARY_ROWS} more patients: see the report.")
+    counts = {k: sum(1 for r in results if r.ok and r.call == k) for k in ("ALL", "normal", "indeterminate")}
+    not_ok = sum(1 for r in results if not r.ok)
+    err.print(f"{len(results)} patient(s): [bold red]{counts['ALL']} ALL[/], [green]{counts['normal']} normal[/], "
+              f"[yellow]{counts['indeterminate']} indeterminate[/], {not_ok} failed/insufficient")
     if metrics:
         err.print(
             f"[bold]metrics[/] (n={metrics['n']}, threshold {metrics['threshold']:.3f}): accuracy {metrics['accuracy']:.4f}  "
