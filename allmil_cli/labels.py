@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
+
 _POSITIVE = {"all", "1", "yes", "true", "positive", "leukemia", "leukaemia"}
 _NEGATIVE = {"normal", "0", "no", "false", "negative", "healthy"}
 
@@ -46,3 +48,18 @@ def labels_from_names(names: list[str]) -> dict[str, int]:
         if len(stem) > 2 and stem[-2] == "_" and stem[-1] in "01":
             out[n] = int(stem[-1])
     return out
+
+
+def read_points(path: Path) -> np.ndarray:
+    """Centroids from an ALL-IDB ``.xyc`` file: one ``x y`` per line (tab, space or comma separated).
+
+    Returns float64 (N, 2); an empty or missing file gives (0, 2).
+    """
+    pts: list[tuple[float, float]] = []
+    path = Path(path)
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            parts = line.replace(",", " ").split()
+            if len(parts) >= 2:
+                pts.append((float(parts[0]), float(parts[1])))
+    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)

@@ -7,6 +7,7 @@ once per field (detector) and in batches (embedder, aggregator).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +22,7 @@ from allmil_cli.crops import crop_cells
 from allmil_cli.detect import cell_box, detect_cells
 from allmil_cli.embed import Embedder
 from allmil_cli.images import MAX_PIXELS, Field, ImageError, Patient, load_fields
+from allmil_cli.labels import read_points
 from allmil_cli.models import Models
 from allmil_cli.scale import estimate_rbc_diameter
 
@@ -105,28 +107,21 @@ class Evidence:
 
 
 class StageTimer:
-    """Wall-clock seconds spent per pipeline stage, summed over a run (for the benchmark)."""
+    """Wall-clock seconds spent per pipeline stage, summed over a run (for the benchmark).
+
+    ``decode`` is the time the analysis waited for a decoded file; ``scale`` (the red-cell ruler) runs in
+    the look-ahead threads, overlapping the networks.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()  # the look-ahead threads time the ruler too
 
     def add(self, stage: str, start: float) -> float:
         now = time.perf_counter()
-        self.seconds[stage] += now - start
+        with self._lock:
+            self.seconds[stage] += now - start
         return now
-
-
-def read_truth(truth_dir: Path, image: Path) -> np.ndarray | None:
-    """Ground-truth blast centroids for ``image`` from ``truth_dir/<stem>.xyc`` (None if no file)."""
-    f = Path(truth_dir) / f"{image.stem}.xyc"
-    if not f.exists():
-        return None
-    pts = []
-    for line in f.read_text(errors="replace").splitlines():
-        parts = line.replace(",", " ").split()
-        if len(parts) >= 2:
-            pts.append((float(parts[0]), float(parts[1])))
-    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
 
 
 class Pipeline:
@@ -145,13 +140,20 @@ class Pipeline:
         self._pending: deque[tuple[Path, Future]] = deque()
 
     # -- one field -----------------------------------------------------------------------------
+    def ruler(self, rgb: np.ndarray) -> float:
+        """The field's red-cell diameter in pixels: ``Options.cell_size`` when given, else estimated."""
+        if self.options.cell_size:
+            return float(self.options.cell_size)
+        t = time.perf_counter()
+        rbc_px = estimate_rbc_diameter(rgb)
+        self.timer.add("scale", t)
+        return rbc_px
+
     def locate_cells(self, fld: Field, rbc_px: float | None = None) -> tuple[list[Cell], float]:
         """WBC detection on one decoded field (``rbc_px``: its red-cell ruler; measured when None)."""
-        t = time.perf_counter()
         rgb = fld.rgb
-        if rbc_px is None:
-            rbc_px = float(self.options.cell_size) if self.options.cell_size else estimate_rbc_diameter(rgb)
-            t = self.timer.add("scale", t)
+        rbc_px = self.ruler(rgb) if rbc_px is None else rbc_px
+        t = time.perf_counter()
         dets = detect_cells(self.models.detector, rgb, rbc_px, self.options.detect_threshold)
         self.timer.add("detect", t)
         cells = [
@@ -160,18 +162,24 @@ class Pipeline:
         ]
         return cells, rbc_px
 
+    @staticmethod
+    def _info(fld: Field, rbc_px: float, n_cells: int) -> ImageResult:
+        h, w = fld.rgb.shape[:2]
+        return ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(rbc_px, 1), n_cells=n_cells)
+
+    @staticmethod
+    def _crops(fld: Field, cells: list[Cell], rbc_px: float) -> np.ndarray:
+        return crop_cells(fld.rgb, np.asarray([(c.x, c.y) for c in cells], dtype=np.float64).reshape(-1, 2), rbc_px)
+
     def analyse_field(self, fld: Field, rbc_px: float | None = None) -> tuple[ImageResult, list[Cell], np.ndarray, float]:
         """Detect, crop and embed the cells of one decoded field."""
         cells, rbc_px = self.locate_cells(fld, rbc_px)
         t = time.perf_counter()
-        centres = np.asarray([(c.x, c.y) for c in cells], dtype=np.float64).reshape(-1, 2)
-        crops = crop_cells(fld.rgb, centres, rbc_px)
+        crops = self._crops(fld, cells, rbc_px)
         t = self.timer.add("crop", t)
-        feats = self.embedder.embed(crops, batch_size=self.options.batch_size) if len(crops) else np.zeros((0, 256), np.float32)
+        feats = self.embedder.embed(crops, batch_size=self.options.batch_size)
         self.timer.add("embed", t)
-        h, w = fld.rgb.shape[:2]
-        info = ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(rbc_px, 1), n_cells=len(cells))
-        return info, cells, feats, rbc_px
+        return self._info(fld, rbc_px, len(cells)), cells, feats, rbc_px
 
     # -- one patient -------------------------------------------------------------------------------
     def _read(self, path: Path) -> tuple[list[tuple[Field, float]], list[str]]:
@@ -182,11 +190,10 @@ class Pipeline:
             raise
         except Exception as exc:  # noqa: BLE001 - an unexpected decoder failure is this file's problem only
             raise ImageError(f"{path}: unexpected error while reading ({exc}); re-export the image.") from exc
-        cs = self.options.cell_size
-        return [(f, float(cs) if cs else estimate_rbc_diameter(f.rgb)) for f in fields], notes
+        return [(f, self.ruler(f.rgb)) for f in fields], notes
 
     def _schedule(self, paths: list[Path]) -> None:
-        """Queue files to be decoded ahead, in order, at most ``LOOKAHEAD`` at a time."""
+        """Queue files to be decoded ahead, in order, at most ``LOOKAHEAD_PER_WORKER`` per worker at a time."""
         self._upcoming.extend(paths)
         self._refill()
 
@@ -212,8 +219,8 @@ class Pipeline:
     def iter_fields(self, patient: Patient, images: list[ImageResult], notes: list[str]) -> Iterator[tuple[Field, float]]:
         """Each decoded field of the patient with its red-cell ruler; unusable files become ``failed`` entries.
 
-        Files are decoded once, a few files ahead in background threads (``Options.decode_workers``) (decoding and the networks
-        overlap); the time spent waiting for a file is counted as ``decode``.
+        Files are decoded once, a few files ahead in background threads (``Options.decode_workers``), so
+        decoding overlaps the networks; the time spent waiting for a file is counted as ``decode``.
         """
         for path in patient.images:
             t = time.perf_counter()
@@ -241,11 +248,10 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - one field's failure is reported, not fatal
                 images.append(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: detection failed ({exc})."))
                 continue
-            h, w = fld.rgb.shape[:2]
-            images.append(ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(rbc_px, 1), n_cells=len(fcells)))
+            images.append(self._info(fld, rbc_px, len(fcells)))
             cells.extend(fcells)
             if with_crops:
-                crops.append(crop_cells(fld.rgb, np.asarray([(c.x, c.y) for c in fcells]).reshape(-1, 2), rbc_px))
+                crops.append(self._crops(fld, fcells, rbc_px))
         return images, cells, crops
 
     def collect(self, patient: Patient) -> Evidence:
@@ -269,9 +275,9 @@ class Pipeline:
         return self.decide(patient, self.collect(patient), remove)
 
     def _truth_blast_flags(self, path: Path, cells: list[Cell], rbc_px: float) -> np.ndarray:
-        truth = read_truth(self.options.truth_dir, path) if self.options.truth_dir else None
+        truth = read_points(Path(self.options.truth_dir) / f"{path.stem}.xyc")
         flags = np.zeros(len(cells), dtype=bool)
-        if truth is None or len(truth) == 0 or not cells:
+        if len(truth) == 0 or not cells:
             return flags
         xy = np.asarray([(c.x, c.y) for c in cells])
         d = np.sqrt(((xy[:, None, :] - truth[None, :, :]) ** 2).sum(-1))
@@ -297,9 +303,9 @@ class Pipeline:
             return PatientResult(status="failed", call="indeterminate", p_all=float("nan"), n_cells=0,
                                  n_blast_like=0, blast_fraction=float("nan"),
                                  reason=f"none of {len(images)} image(s) could be read; first problem: {first}", **base)
-        X = np.concatenate(feats, axis=0) if feats else np.zeros((0, 256), np.float32)
+        X = np.concatenate(feats, axis=0)  # n_ok > 0, so at least one field's (possibly empty) features
         t = time.perf_counter()
-        scores = self.aggregator.cell_scores(X) if len(X) else np.zeros(0, np.float32)
+        scores = self.aggregator.cell_scores(X)
         for c, s in zip(cells, scores):
             c.blast_score = float(s)
         keep = np.ones(len(cells), dtype=bool)
@@ -334,7 +340,7 @@ class Pipeline:
                              features=X if opts.keep_features else None, **base)
 
     def run(self, patients: Iterable[Patient], on_done: Callable[[PatientResult], None] | None = None) -> Iterator[PatientResult]:
-        """Diagnose patients one by one (streamed), decoding upcoming files ahead in a background thread."""
+        """Diagnose patients one by one (streamed), decoding upcoming files ahead in background threads."""
         patients = list(patients)
         self.prefetch(patients)
         try:
@@ -351,7 +357,7 @@ class Pipeline:
         self._schedule([path for p in patients for path in p.images])
 
     def close(self) -> None:
-        """Stop the look-ahead thread (pending decodes are dropped)."""
+        """Stop the look-ahead threads (pending decodes are dropped)."""
         self._upcoming.clear()
         for _, future in self._pending:
             future.cancel()

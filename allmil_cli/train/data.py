@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from allmil_cli.labels import read_points
+
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 _IDB_NAME = re.compile(r"^(Im\d{3})_([01])$")
@@ -56,16 +58,6 @@ def load_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _read_points(path: Path) -> np.ndarray:
-    pts: list[tuple[float, float]] = []
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            parts = line.replace(",", " ").split()
-            if len(parts) >= 2:
-                pts.append((float(parts[0]), float(parts[1])))
-    return np.asarray(pts, dtype=np.float32).reshape(-1, 2)
-
-
 def read_all_idb1(root: Path = DEFAULT_DATA_ROOT / "ALL-IDB1") -> list[FieldRecord]:
     """All ALL-IDB1 fields, sorted by name, with blast (``xyc/``) and non-blast (``other/``) centroids."""
     records = []
@@ -78,8 +70,8 @@ def read_all_idb1(root: Path = DEFAULT_DATA_ROOT / "ALL-IDB1") -> list[FieldReco
                 name=path.stem,
                 path=path,
                 label=int(m.group(2)),
-                blasts=_read_points(root / "xyc" / f"{path.stem}.xyc"),
-                others=_read_points(root / "other" / f"{path.stem}.xyc"),
+                blasts=read_points(root / "xyc" / f"{path.stem}.xyc").astype(np.float32),
+                others=read_points(root / "other" / f"{path.stem}.xyc").astype(np.float32),
             )
         )
     return records

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from allmil_cli.aggregate import bag_probability
+from allmil_cli.metrics import binary_metrics, roc_auc
 from allmil_cli.crops import crop_cells
 from allmil_cli.scale import estimate_rbc_diameter
 from allmil_cli.train.backbones import DEFAULT_AUG as SHIP_AUG
@@ -52,27 +53,18 @@ SECTIONS = ["summary", "protocol2", "protocol2_avg", "protocol2_gt", "combine", 
 
 # ---------------------------------------------------------------------------------------------- metrics
 def auc(y: np.ndarray, p: np.ndarray) -> float:
-    y, p = np.asarray(y), np.asarray(p, np.float64)
-    pos, neg = p[y == 1], p[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    gt = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(gt / (len(pos) * len(neg)))
+    return roc_auc(y, p)
 
 
 def metrics(y, p, thr: float) -> dict:
-    y, p = np.asarray(y), np.asarray(p)
-    pred = (p >= thr).astype(int)
-    tp = int(((pred == 1) & (y == 1)).sum())
-    tn = int(((pred == 0) & (y == 0)).sum())
-    fp = int(((pred == 1) & (y == 0)).sum())
-    fn = int(((pred == 0) & (y == 1)).sum())
-    sens = tp / max(tp + fn, 1)
-    spec = tn / max(tn + fp, 1)
-    prec = tp / max(tp + fp, 1)
-    f1 = 2 * prec * sens / max(prec + sens, 1e-12)
-    return {"acc": (tp + tn) / max(len(y), 1), "f1": f1, "sens": sens, "spec": spec, "auc": auc(y, p),
-            "tp": tp, "fn": fn, "fp": fp, "tn": tn, "thr": thr}
+    """:func:`allmil_cli.metrics.binary_metrics` at ``p >= thr``, in this module's short keys (undefined ratios -> 0)."""
+    p = np.asarray(p)
+    m = binary_metrics(y, (p >= thr).astype(int), p)
+    short = {"acc": "accuracy", "f1": "f1", "sens": "sensitivity", "spec": "specificity", "auc": "roc_auc"}
+    out = {k: (0.0 if np.isnan(m[v]) and k != "auc" else m[v]) for k, v in short.items()}
+    out.update({k: m[k] for k in ("tp", "fn", "fp", "tn")})
+    out["thr"] = thr
+    return out
 
 
 def pick_threshold(y, p) -> float:
