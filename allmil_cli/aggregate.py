@@ -22,6 +22,10 @@ The rule was chosen on protocol-2 out-of-fold predictions (see docs/classifier_r
 there, and ``max`` matches the bag-label semantics. ``threshold`` is 0.5 in the shipped model: the
 out-of-fold operating point is baked into the output layer as a logit shift (``allmil.logit_shift``).
 
+``p_all`` is calibrated per bag by the logit shift in the metadata (``allmil.logit_shift``): the reported
+p_all crosses ``allmil.threshold`` (0.5) where the model's raw output crosses the operating point chosen on
+protocol-2 out-of-fold predictions (``allmil.threshold_raw``).
+
 ``cell_scores`` runs the same LSTM on length-1 series (the paper's stage-1 view, kept calibrated by an
 auxiliary loss in stage 2): the per-cell blast probability; ``cell_threshold`` turns it into the
 "blast-like" count.
@@ -84,15 +88,11 @@ class Aggregator:
         self.combine = meta.get("allmil.combine", "max")
         self.shuffles = int(meta.get("allmil.shuffles", 5))
         self._threshold = float(meta.get("allmil.threshold", 0.5))
-        # The exported graph shifts its logit so that p_all >= 0.5 is the chosen patient operating point.
-        # Cell scores are reported unshifted (the LSTM's own length-1 blast probability), so a cell's
-        # blast_score reads as a probability with its own threshold (allmil.cell_threshold_raw).
+        self._cell_threshold = float(meta.get("allmil.cell_threshold", 0.5))
+        # Patient calibration: the ALL-vs-normal logit of each bag is shifted by -logit_shift, so that the
+        # reported p_all crosses the threshold (0.5) at the operating point chosen out of fold. Cell scores
+        # are the model's own length-1 probabilities, unshifted.
         self._logit_shift = float(meta.get("allmil.logit_shift", 0.0))
-        self._cell_threshold = float(meta.get("allmil.cell_threshold_raw", meta.get("allmil.cell_threshold", 0.5)))
-        if "allmil.cell_threshold_raw" not in meta:
-            self._logit_shift_cells = 0.0
-        else:
-            self._logit_shift_cells = self._logit_shift
         self._input = session.get_inputs()[0].name
 
     @property
@@ -102,12 +102,20 @@ class Aggregator:
 
     @property
     def cell_threshold(self) -> float:
-        """Threshold on :meth:`cell_scores` (unshifted) that counts a cell as 'blast-like'."""
+        """Threshold on :meth:`cell_scores` that counts a cell as 'blast-like'."""
         return self._cell_threshold
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """features [B,T,256] -> p_all [B]."""
+        """features [B,T,256] -> the model's p_all [B] (uncalibrated)."""
         return self.session.run(["p_all"], {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def calibrated(self, x: np.ndarray) -> np.ndarray:
+        """features [B,T,256] -> p_all [B] with the patient calibration (logit shift) applied."""
+        p = self.run(x)
+        if not self._logit_shift:
+            return p
+        q = np.clip(p.astype(np.float64), 1e-12, 1.0 - 1e-12)
+        return 1.0 / (1.0 + np.exp(self._logit_shift - np.log(q / (1.0 - q))))
 
     def patient_vector(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(["patient_vector"], {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
@@ -118,11 +126,8 @@ class Aggregator:
         out = np.zeros(len(f), np.float32)
         for i in range(0, len(f), batch_size):
             out[i : i + batch_size] = self.run(f[i : i + batch_size, None, :])
-        if self._logit_shift_cells:
-            p = np.clip(out.astype(np.float64), 1e-12, 1 - 1e-12)
-            out = (1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) + self._logit_shift_cells)))).astype(np.float32)
         return out
 
     def patient_probability(self, features: np.ndarray, seed: int = 0) -> float:
         """p(ALL) for one patient's cell embeddings (N,256); see the module docstring for N != 15."""
-        return bag_probability(self.run, features, self.blank, self.bag_size, self.combine, self.shuffles, seed)
+        return bag_probability(self.calibrated, features, self.blank, self.bag_size, self.combine, self.shuffles, seed)

@@ -517,10 +517,6 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def _sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z))
-
-
 def train_final(backbone: str = "mobilenet_v2:center", n_aug: int = 2, tiny: bool = False, weights_file: str | None = None,
                 threshold: float | None = None, cell_threshold: float | None = None, combine: str | None = None,
                 out_dir: Path = WEIGHTS) -> dict:
@@ -549,24 +545,20 @@ def train_final(backbone: str = "mobilenet_v2:center", n_aug: int = 2, tiny: boo
     thr = threshold if threshold is not None else sel.get("threshold", 0.5)
     cthr = cell_threshold if cell_threshold is not None else sel.get("cell_threshold", 0.5)
     comb = combine or sel.get("combine", "max")
-    # Operating point baked into the graph: shift the ALL-vs-normal logit by -logit(thr) so that the
-    # exported p_all crosses 0.5 exactly where the raw model crosses the OOF-selected threshold (and the
-    # product's indeterminate band around its threshold stays meaningful). The cell threshold is shifted
-    # by the same amount, so 'blast-like' counts are unchanged.
+    # Operating point: a patient-level calibration applied by ``aggregate.Aggregator`` (logit shift by
+    # -logit(thr) per bag), so the reported p_all crosses 0.5 exactly where the raw model crosses the
+    # OOF-selected threshold and the product's indeterminate band around 0.5 stays meaningful. The graph
+    # and the per-cell scores stay raw; the cell threshold applies to raw cell scores.
     shift = _logit(thr)
-    with torch.no_grad():
-        agg.out.bias[1] -= shift / 2
-        agg.out.bias[0] += shift / 2
-    thr_raw, cthr_raw = thr, cthr
-    thr, cthr = 0.5, _sigmoid(_logit(cthr) - shift)
-    emb, aggp = export_onnx(backbone, head, agg, out_dir, thr, cthr, comb, weights_file,
-                            extra_meta={"allmil.shuffles": sel.get("shuffles", 5), "allmil.logit_shift": f"{shift:.4f}",
-                                        "allmil.threshold_raw": f"{thr_raw:.4f}", "allmil.cell_threshold_raw": f"{cthr_raw:.4f}"})
+    thr_raw = thr
+    emb, aggp = export_onnx(backbone, head, agg, out_dir, 0.5, cthr, comb, weights_file,
+                            extra_meta={"allmil.shuffles": sel.get("shuffles", 5), "allmil.logit_shift": repr(shift),
+                                        "allmil.threshold_raw": repr(thr_raw)})
     # ONNX vs torch on real crops
     rgb_cells = cells[:: max(1, len(cells) // 16)][:16]
     crops = np.concatenate([crop_cells(load_rgb(Path(c.path)), np.array([[c.x, c.y]]), c.rbc_px) for c in rgb_cells])
     chk = check_onnx(emb, aggp, backbone, head, agg, crops, weights_file)
-    chk.update({"threshold": thr, "cell_threshold": cthr, "combine": comb, "n_cells": len(cells),
+    chk.update({"threshold": 0.5, "threshold_raw": thr_raw, "cell_threshold": cthr, "combine": comb, "n_cells": len(cells),
                 "embedder_mb": emb.stat().st_size / 1e6, "aggregator_mb": aggp.stat().st_size / 1e6})
     chk["seconds"] = time.time() - t_start
     print(json.dumps(chk, indent=1))
@@ -583,10 +575,10 @@ Command: `python -m allmil_cli.train.cells train` (backbone `{backbone}`, {n_aug
 ~10-15 min; `--tiny` is the CI smoke run). Trained on all data: {len(cells)} cells =
 {', '.join(f'{k[0]} label {k[1]}: {v}' for k, v in sorted(cnt.items()))}
 (`junk` = platelets / ambiguous stain blobs from ALL-IDB1 `other/`, as non-blasts).
-Metadata: threshold {thr:.3f}, cell_threshold {cthr:.4f}, combine `{comb}`, 5 shuffles, bag size 15. The
-out-of-fold operating point (raw p_all threshold {thr_raw:.4f}, raw cell threshold {cthr_raw:.4f}) is baked into
-the output layer: the ALL-vs-normal logit is shifted by -{shift:.3f} (= -logit({thr_raw:.4f})), so the exported
-p_all crosses 0.5 where the raw model crosses {thr_raw:.4f}; cell scores shift alike (blast-like counts unchanged).
+Metadata: threshold 0.5 on the calibrated p_all, cell_threshold {cthr:.4f} (raw cell scores), combine `{comb}`,
+5 shuffles, bag size 15, logit_shift {shift:.4f} (= logit({thr_raw:.4f}), the out-of-fold operating point):
+`aggregate.Aggregator` shifts each bag's ALL-vs-normal logit by it, so the reported p_all crosses 0.5 where
+the raw model crosses {thr_raw:.4f}. The graph itself and the per-cell blast scores are raw.
 Sizes: embedder {chk['embedder_mb']:.1f} MB, aggregator {chk['aggregator_mb']:.1f} MB.
 
 ONNX (onnxruntime) vs torch on {chk['n_crops']} real crops: features max abs diff {chk['features_max_abs_diff']:.2e},
