@@ -19,8 +19,7 @@ the other slots holding the embedding of a blank crop, label ALL iff >= 1 blast.
 
 The rule was chosen on protocol-2 out-of-fold predictions (see docs/classifier_results.md); with at most
 15 cells per ALL-IDB1 image for almost every patient, max / mean / noisy-or / series measured identical
-there, and ``max`` matches the bag-label semantics. ``threshold`` is 0.5 in the shipped model: the
-out-of-fold operating point is baked into the output layer as a logit shift (``allmil.logit_shift``).
+there, and ``max`` matches the bag-label semantics. ``threshold`` is 0.5 in the shipped model.
 
 ``p_all`` is calibrated per bag by the logit shift in the metadata (``allmil.logit_shift``): the reported
 p_all crosses ``allmil.threshold`` (0.5) where the model's raw output crosses the operating point chosen on

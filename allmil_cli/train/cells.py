@@ -38,8 +38,9 @@ Training (on cached features; minutes on one CPU core):
 ``weights/embedder.onnx`` + ``weights/aggregator.onnx``; ``--tiny`` is the CI smoke version. The patient
 threshold, cell threshold and combine rule come from protocol-2 out-of-fold predictions
 (``.cache/cells/selection.json``, written by ``python -m allmil_cli.train.evaluate combine``, run
-automatically when missing); the threshold is baked into the output bias (logit shift) so the exported
-``p_all`` is thresholded at 0.5 (``allmil.threshold``), raw values kept in ``allmil.threshold_raw``.
+automatically when missing); the patient threshold ships as a logit shift in the aggregator metadata
+(``allmil.logit_shift``, applied by ``aggregate.Aggregator``), so the reported ``p_all`` is thresholded
+at 0.5 (``allmil.threshold``); the raw value is kept in ``allmil.threshold_raw``.
 """
 
 from __future__ import annotations
