@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from allmil_cli.normalize import reference_from_meta, stain_map
+from allmil_cli.scale import FieldStats
+
 EMB_DIM = 256
 INPUT_SIZE = 224
 
@@ -20,6 +23,14 @@ class Embedder:
         self.input_size = int(meta.get("allmil.input_size", INPUT_SIZE))
         self._input = session.get_inputs()[0].name
         self._blank: np.ndarray | None = None
+        #: (background, red-cell) reference colours when the model was trained on stain-normalised crops
+        self.stain_reference = reference_from_meta(meta)
+
+    def normalise(self, crops: np.ndarray, stats: FieldStats) -> np.ndarray:
+        """Map a field's crops to the reference stain (``allmil_cli.normalize``), if this model expects it."""
+        if self.stain_reference is None or not stats.measured or len(crops) == 0:
+            return crops
+        return stain_map(stats, *self.stain_reference).apply(crops)
 
     def embed(self, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 crops (N, 224, 224, 3) RGB -> float32 (N, 256)."""

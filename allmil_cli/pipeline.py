@@ -24,9 +24,13 @@ from allmil_cli.embed import Embedder
 from allmil_cli.images import MAX_PIXELS, Field, ImageError, Patient, load_fields
 from allmil_cli.labels import read_points
 from allmil_cli.models import Models
-from allmil_cli.scale import estimate_rbc_diameter
+from allmil_cli.scale import FieldStats, measure_field
 
 REMOVE_CHOICES = ("none", "blasts", "normals")
+#: Adequacy rule: a patient with fewer cells than this cannot be called normal (``Options.min_cells_normal``).
+#: The smallest cells-per-patient count whose held-out (protocol 2) accuracy reaches 95 % in the ablation of
+#: docs/classifier_results.md: 1 cell 78.2 %, 2 cells 89.8 %, 4 cells 97.0 %, 8 cells 97.8 %.
+MIN_CELLS_NORMAL = 4
 #: Files decoded ahead per decode worker (bounds memory: at most 2 x workers decoded files wait).
 LOOKAHEAD_PER_WORKER = 2
 
@@ -40,6 +44,7 @@ class Options:
     threshold: float | None = None  # patient p_all threshold; None = the aggregator's own
     indeterminate_band: float = 0.05  # |p_all - threshold| below this => "indeterminate"
     min_cells: int = 1  # fewer cells => "insufficient"
+    min_cells_normal: int = MIN_CELLS_NORMAL  # fewer cells and no ALL call => "insufficient"; 0 disables
     max_pixels: int = MAX_PIXELS
     batch_size: int = 32
     seed: int = 0
@@ -71,6 +76,7 @@ class ImageResult:
     height: int = 0
     rbc_px: float = 0.0
     n_cells: int = 0
+    stats: FieldStats | None = None  # ruler, anchor colours, sharpness (QC evidence)
 
 
 @dataclass
@@ -89,6 +95,7 @@ class PatientResult:
     notes: list[str] = field(default_factory=list)
     features: np.ndarray | None = None  # (n_cells, 256) when Options.keep_features
     cell_threshold: float | None = None  # blast score at or above which a cell counts as blast-like
+    skipped: list[dict[str, str]] = field(default_factory=list)  # files not analysed: {"file", "reason"}
 
     @property
     def ok(self) -> bool:
@@ -127,8 +134,12 @@ class StageTimer:
 class Pipeline:
     """Holds the models of one run; call :meth:`diagnose_patient` per patient."""
 
-    def __init__(self, models: Models, options: Options | None = None, timer: StageTimer | None = None) -> None:
+    def __init__(self, models: Models, options: Options | None = None, timer: StageTimer | None = None,
+                 on_field: Callable[[Patient, Field, list[Cell], float], None] | None = None) -> None:
         self.models = models
+        #: Called with each analysed field while it is still decoded (patient, field, its cells, red-cell px):
+        #: the review page and --crops-dir take their thumbnails here, so no image is decoded twice.
+        self.on_field = on_field
         self.options = options or Options()
         self.timer = timer or StageTimer()
         self.embedder = Embedder(models.embedder)
@@ -140,19 +151,18 @@ class Pipeline:
         self._pending: deque[tuple[Path, Future]] = deque()
 
     # -- one field -----------------------------------------------------------------------------
-    def ruler(self, rgb: np.ndarray) -> float:
-        """The field's red-cell diameter in pixels: ``Options.cell_size`` when given, else estimated."""
-        if self.options.cell_size:
-            return float(self.options.cell_size)
+    def measure(self, rgb: np.ndarray) -> FieldStats:
+        """The field's ruler (red-cell diameter, ``Options.cell_size`` when given), anchor colours and sharpness."""
         t = time.perf_counter()
-        rbc_px = estimate_rbc_diameter(rgb)
+        stats = measure_field(rgb, float(self.options.cell_size) if self.options.cell_size else None)
         self.timer.add("scale", t)
-        return rbc_px
+        return stats
 
-    def locate_cells(self, fld: Field, rbc_px: float | None = None) -> tuple[list[Cell], float]:
-        """WBC detection on one decoded field (``rbc_px``: its red-cell ruler; measured when None)."""
+    def locate_cells(self, fld: Field, stats: FieldStats | None = None) -> tuple[list[Cell], FieldStats]:
+        """WBC detection on one decoded field (``stats``: its measure; taken when None)."""
         rgb = fld.rgb
-        rbc_px = self.ruler(rgb) if rbc_px is None else rbc_px
+        stats = self.measure(rgb) if stats is None else stats
+        rbc_px = stats.rbc_px
         t = time.perf_counter()
         dets = detect_cells(self.models.detector, rgb, rbc_px, self.options.detect_threshold)
         self.timer.add("detect", t)
@@ -160,37 +170,39 @@ class Pipeline:
             Cell(image=fld.label, x=float(d.x), y=float(d.y), box=cell_box(rgb, d.x, d.y, rbc_px), det_score=float(d.score))
             for d in dets
         ]
-        return cells, rbc_px
+        return cells, stats
 
     @staticmethod
-    def _info(fld: Field, rbc_px: float, n_cells: int) -> ImageResult:
+    def _info(fld: Field, stats: FieldStats, n_cells: int) -> ImageResult:
         h, w = fld.rgb.shape[:2]
-        return ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(rbc_px, 1), n_cells=n_cells)
+        return ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(stats.rbc_px, 1), n_cells=n_cells,
+                           stats=stats)
 
-    @staticmethod
-    def _crops(fld: Field, cells: list[Cell], rbc_px: float) -> np.ndarray:
-        return crop_cells(fld.rgb, np.asarray([(c.x, c.y) for c in cells], dtype=np.float64).reshape(-1, 2), rbc_px)
+    def _crops(self, fld: Field, cells: list[Cell], stats: FieldStats) -> np.ndarray:
+        """The cells' embedder crops, mapped to the reference stain when the embedder was trained that way."""
+        crops = crop_cells(fld.rgb, np.asarray([(c.x, c.y) for c in cells], dtype=np.float64).reshape(-1, 2), stats.rbc_px)
+        return self.embedder.normalise(crops, stats)
 
-    def analyse_field(self, fld: Field, rbc_px: float | None = None) -> tuple[ImageResult, list[Cell], np.ndarray, float]:
+    def analyse_field(self, fld: Field, stats: FieldStats | None = None) -> tuple[ImageResult, list[Cell], np.ndarray, FieldStats]:
         """Detect, crop and embed the cells of one decoded field."""
-        cells, rbc_px = self.locate_cells(fld, rbc_px)
+        cells, stats = self.locate_cells(fld, stats)
         t = time.perf_counter()
-        crops = self._crops(fld, cells, rbc_px)
+        crops = self._crops(fld, cells, stats)
         t = self.timer.add("crop", t)
         feats = self.embedder.embed(crops, batch_size=self.options.batch_size)
         self.timer.add("embed", t)
-        return self._info(fld, rbc_px, len(cells)), cells, feats, rbc_px
+        return self._info(fld, stats, len(cells)), cells, feats, stats
 
     # -- one patient -------------------------------------------------------------------------------
-    def _read(self, path: Path) -> tuple[list[tuple[Field, float]], list[str]]:
-        """Decode one file and measure each field's red-cell ruler (runs in the look-ahead thread)."""
+    def _read(self, path: Path) -> tuple[list[tuple[Field, FieldStats]], list[str]]:
+        """Decode one file and measure each field (ruler, colours; runs in the look-ahead thread)."""
         try:
             fields, notes = load_fields(path, max_pixels=self.options.max_pixels)
         except ImageError:
             raise
         except Exception as exc:  # noqa: BLE001 - an unexpected decoder failure is this file's problem only
             raise ImageError(f"{path}: unexpected error while reading ({exc}); re-export the image.") from exc
-        return [(f, self.ruler(f.rgb)) for f in fields], notes
+        return [(f, self.measure(f.rgb)) for f in fields], notes
 
     def _schedule(self, paths: list[Path]) -> None:
         """Queue files to be decoded ahead, in order, at most ``LOOKAHEAD_PER_WORKER`` per worker at a time."""
@@ -205,7 +217,7 @@ class Pipeline:
                 self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="allmil-decode")
             self._pending.append((path, self._executor.submit(self._read, path)))
 
-    def _fetch(self, path: Path) -> tuple[list[tuple[Field, float]], list[str]]:
+    def _fetch(self, path: Path) -> tuple[list[tuple[Field, FieldStats]], list[str]]:
         if any(p == path for p, _ in self._pending):
             while True:  # files scheduled before this one were skipped by the caller: drop them
                 p, future = self._pending.popleft()
@@ -216,8 +228,8 @@ class Pipeline:
             return future.result()
         return self._read(path)  # not scheduled (direct library use): read now
 
-    def iter_fields(self, patient: Patient, images: list[ImageResult], notes: list[str]) -> Iterator[tuple[Field, float]]:
-        """Each decoded field of the patient with its red-cell ruler; unusable files become ``failed`` entries.
+    def iter_fields(self, patient: Patient, images: list[ImageResult], notes: list[str]) -> Iterator[tuple[Field, FieldStats]]:
+        """Each decoded field of the patient with its measure (ruler, colours); unusable files become ``failed`` entries.
 
         Files are decoded once, a few files ahead in background threads (``Options.decode_workers``), so
         decoding overlaps the networks; the time spent waiting for a file is counted as ``decode``.
@@ -242,32 +254,34 @@ class Pipeline:
         notes: list[str] = []
         cells: list[Cell] = []
         crops: list[np.ndarray] = []
-        for fld, rbc in self.iter_fields(patient, images, notes):
+        for fld, stats in self.iter_fields(patient, images, notes):
             try:
-                fcells, rbc_px = self.locate_cells(fld, rbc)
+                fcells, stats = self.locate_cells(fld, stats)
             except Exception as exc:  # noqa: BLE001 - one field's failure is reported, not fatal
                 images.append(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: detection failed ({exc})."))
                 continue
-            images.append(self._info(fld, rbc_px, len(fcells)))
+            images.append(self._info(fld, stats, len(fcells)))
             cells.extend(fcells)
             if with_crops:
-                crops.append(self._crops(fld, fcells, rbc_px))
+                crops.append(crop_cells(fld.rgb, np.asarray([(c.x, c.y) for c in fcells]).reshape(-1, 2), stats.rbc_px))
         return images, cells, crops
 
     def collect(self, patient: Patient) -> Evidence:
         """Decode, detect, crop and embed all of a patient's fields (the expensive part)."""
         ev = Evidence()
-        for fld, rbc in self.iter_fields(patient, ev.images, ev.notes):
+        for fld, stats in self.iter_fields(patient, ev.images, ev.notes):
             try:
-                info, fcells, ffeats, rbc_px = self.analyse_field(fld, rbc)
+                info, fcells, ffeats, stats = self.analyse_field(fld, stats)
             except Exception as exc:  # noqa: BLE001 - a model failure on one field must not lose the batch
                 ev.images.append(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: analysis failed ({exc})."))
                 continue
             ev.images.append(info)
             ev.cells.extend(fcells)
             ev.features.append(ffeats)
+            if self.on_field is not None:
+                self.on_field(patient, fld, fcells, stats.rbc_px)
             if self.options.truth_dir is not None:
-                ev.truth_flags.append(self._truth_blast_flags(fld.path, fcells, rbc_px))
+                ev.truth_flags.append(self._truth_blast_flags(fld.path, fcells, stats.rbc_px))
         return ev
 
     def diagnose_patient(self, patient: Patient, remove: str | None = None) -> PatientResult:
@@ -293,11 +307,14 @@ class Pipeline:
         notes = list(ev.notes)
         cells = [replace(c) for c in ev.cells]
         n_ok = sum(1 for i in images if i.status == "ok")
-        base = dict(patient=patient.name, n_images=n_ok, images=images, notes=notes, cell_threshold=self.cell_threshold)
+        skipped = list(getattr(patient, "skipped", []))
+        base = dict(patient=patient.name, n_images=n_ok, images=images, notes=notes, cell_threshold=self.cell_threshold,
+                    skipped=skipped)
         if not patient.images:
+            extra = f" ({len(skipped)} file(s) skipped: see the JSON report)" if skipped else ""
             return PatientResult(status="insufficient", call="indeterminate", p_all=float("nan"), n_cells=0,
                                  n_blast_like=0, blast_fraction=float("nan"),
-                                 reason=f"no images in {patient.folder}; add JPEG/PNG/TIFF fields of this patient.", **base)
+                                 reason=f"no images in {patient.folder}{extra}; add JPEG/PNG/TIFF fields of this patient.", **base)
         if n_ok == 0:
             first = next((i.reason for i in images if i.reason), "no usable image")
             return PatientResult(status="failed", call="indeterminate", p_all=float("nan"), n_cells=0,
@@ -335,6 +352,13 @@ class Pipeline:
             call = "indeterminate"
         else:
             call = "ALL" if p >= self.threshold else "normal"
+        if call != "ALL" and n_cells < opts.min_cells_normal:  # adequacy: ruling out needs enough cells
+            why = (f"only {n_cells} white cell(s), {n_blast} blast-like, in {n_ok} usable image(s): too few to rule out ALL "
+                   f"(--min-cells-normal {opts.min_cells_normal}; model p_all {p:.4f}). Add fields of this patient.")
+            return PatientResult(status="insufficient", call="indeterminate", p_all=float("nan"), n_cells=n_cells,
+                                 n_blast_like=n_blast, blast_fraction=n_blast / n_cells if n_cells else float("nan"),
+                                 reason=" ".join(x for x in (why, partial) if x), cells=cells,
+                                 features=X if opts.keep_features else None, **base)
         return PatientResult(status="ok", call=call, p_all=p, n_cells=n_cells, n_blast_like=n_blast,
                              blast_fraction=n_blast / n_cells, reason="", cells=cells,
                              features=X if opts.keep_features else None, **base)

@@ -1,12 +1,14 @@
 """Stage 4: reports. CSV (one row per patient), JSON (per image and per cell), metrics.
 
 Every file is written atomically: to a temporary file in the same folder, then renamed over the
-target, so a crash or Ctrl-C never leaves a half-written report.
+target, so a crash or Ctrl-C never leaves a half-written report. The file gets the mode a plain
+``open()`` would give it (0666 less the user's umask), not the temp file's private 0600.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -23,14 +25,29 @@ from allmil_cli.pipeline import PatientResult
 CSV_COLUMNS = ["patient", "status", "call", "p_all", "n_images", "n_cells", "n_blast_like", "blast_fraction", "reason"]
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc when possible: setting it to probe is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename in the same folder."""
+    """Write ``data`` to ``path`` via a temp file + rename in the same folder, with the umask's mode."""
     path = Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -59,6 +76,8 @@ def csv_text(results: Sequence[PatientResult], labels: dict[str, int] | None = N
 
 
 def _clean(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):  # e.g. an image's FieldStats
+        return _clean(dataclasses.asdict(x))
     if isinstance(x, float):
         return None if math.isnan(x) or math.isinf(x) else round(x, 6)
     if isinstance(x, dict):
@@ -79,6 +98,8 @@ def patient_json(r: PatientResult) -> dict[str, Any]:
         for c in r.cells
     ]
     d["notes"] = list(r.notes)
+    d["qc"] = list(getattr(r, "qc", None) or [])
+    d["skipped"] = [dict(s) for s in getattr(r, "skipped", None) or []]
     return _clean(d)
 
 

@@ -21,6 +21,8 @@ consistency matters. Override with ``--cell-size`` / ``rbc_px=`` when an image d
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
@@ -39,24 +41,98 @@ def _otsu(values: np.ndarray) -> float:
     return float(edges[int(np.argmax(between))])
 
 
-def estimate_rbc_diameter(rgb: np.ndarray) -> float:
-    """Apparent red-cell diameter of an RGB uint8 field, in that field's pixels."""
+@dataclass(frozen=True)
+class FieldStats:
+    """What one look at a field's thumbnail tells: its ruler, its colours and its sharpness.
+
+    ``rbc_px``: apparent red-cell diameter (full-resolution pixels). ``background_rgb`` / ``rbc_rgb``: median
+    colour of the plasma background and of the red cells, the two things every smear holds; they anchor the
+    stain normalisation (:mod:`allmil_cli.normalize`) and the stain QC flag. ``sharpness``: mean absolute
+    Laplacian over the grey-level spread at a scale where red cells are ``SHARPNESS_RBC_PX`` wide (blur QC);
+    NaN when the field is too small to measure it. ``measured``: False when the field had no usable
+    foreground and the defaults were returned.
+    """
+
+    rbc_px: float
+    background_rgb: tuple[float, float, float] = (255.0, 255.0, 255.0)
+    rbc_rgb: tuple[float, float, float] = (200.0, 120.0, 130.0)
+    sharpness: float = float("nan")
+    measured: bool = True
+
+    def with_rbc_px(self, rbc_px: float) -> "FieldStats":
+        return replace(self, rbc_px=float(rbc_px))
+
+
+#: Red cells are resampled to this many pixels before the sharpness measure (below every tested magnification).
+SHARPNESS_RBC_PX = 12.0
+
+
+def _thumbnail(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     h, w = rgb.shape[:2]
     factor = max(h, w) / _THUMB_SIDE
     if factor > 1.0:
         small = Image.fromarray(rgb).resize((max(1, round(w / factor)), max(1, round(h / factor))), Image.BILINEAR)
-        a = np.asarray(small, dtype=np.float32)
-    else:
-        factor = 1.0
-        a = rgb.astype(np.float32)
+        return np.asarray(small, dtype=np.float32), factor
+    return rgb.astype(np.float32), 1.0
+
+
+def _sharpness(thumb: np.ndarray, thumb_rbc_px: float) -> float:
+    """Mean |Laplacian| / grey std of the thumbnail resampled so red cells are ``SHARPNESS_RBC_PX`` wide
+    (left as is when its red cells are already smaller)."""
+    g = thumb.mean(axis=2)
+    f = SHARPNESS_RBC_PX / max(thumb_rbc_px, 1e-3)
+    if f < 1.0:
+        h, w = g.shape
+        g = np.asarray(Image.fromarray(g).resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR), np.float32)
+    if min(g.shape) < 16:
+        return float("nan")
+    spread = float(g.std())
+    if spread < 1.0:
+        return float("nan")
+    lap = np.abs(g[1:-1, 1:-1] * 4.0 - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:])
+    return float(lap.mean() / spread)
+
+
+def _anchor_colours(thumb: np.ndarray) -> dict:
+    """Median colour of red cells and of the background: nuclear stain (blue-purple) is set aside first,
+    then the reddest pixels (Otsu on R - G) are red cells and the rest background."""
+    px = thumb[::2, ::2].reshape(-1, 3)
+    r, g, b = px[:, 0], px[:, 1], px[:, 2]
+    rest = px[~((b > r) & (b - g > 30.0))]
+    if len(rest) < 64:
+        return {}
+    redness = np.clip((rest[:, 0] - rest[:, 1]) * 2.0 + 128.0, 0.0, 255.0)
+    if float(redness.max() - redness.min()) < 8.0:
+        return {}
+    red = redness > _otsu(redness)
+    if red.sum() < 16 or (~red).sum() < 16:
+        return {}
+    return {"rbc_rgb": tuple(float(v) for v in np.median(rest[red], axis=0)),
+            "background_rgb": tuple(float(v) for v in np.median(rest[~red], axis=0))}
+
+
+def measure_field(rgb: np.ndarray, rbc_px: float | None = None) -> FieldStats:
+    """Ruler, anchor colours and sharpness of an RGB uint8 field (``rbc_px`` given: the ruler is not estimated)."""
+    a, factor = _thumbnail(rgb)
+    size = _estimate(a, factor) if rbc_px is None else float(rbc_px)
+    measured = size is not None
+    size = DEFAULT_RBC_PX if size is None else size
+    colours = _anchor_colours(a)
+    return FieldStats(size, sharpness=_sharpness(a, size / factor), measured=measured and bool(colours), **colours)
+
+
+def _estimate(a: np.ndarray, factor: float) -> float | None:
     redness = np.clip((a[..., 0] - a[..., 1]) * 2.0 + 128.0, 0.0, 255.0)
     if float(redness.max() - redness.min()) < 8.0:
-        return DEFAULT_RBC_PX
-    mask = redness > _otsu(redness)
-    mask = ndi.binary_fill_holes(ndi.binary_opening(mask, iterations=1))
+        return None
+    mask = ndi.binary_fill_holes(ndi.binary_opening(redness > _otsu(redness), iterations=1))
+    return _ruler(mask, factor)
+
+
+def _ruler(mask: np.ndarray, factor: float) -> float | None:
     labels, n = ndi.label(mask)
     if n == 0:
-        return DEFAULT_RBC_PX
+        return None
     dist = ndi.distance_transform_edt(mask)
     radius = np.zeros(n + 1, dtype=np.float64)
     np.maximum.at(radius, labels[mask], dist[mask])  # per-component max (ndi.maximum sorts: 30x slower)
@@ -64,12 +140,18 @@ def estimate_rbc_diameter(rgb: np.ndarray) -> float:
     radius, area = radius[1:], area[1:]
     keep = radius >= 3.0
     if keep.sum() < 2:
-        return DEFAULT_RBC_PX
+        return None
     radius, area = radius[keep], area[keep]
     order = np.argsort(radius)
     cum = np.cumsum(area[order])
     median_radius = radius[order][int(np.searchsorted(cum, cum[-1] / 2.0))]
     return float(2.0 * median_radius * factor)
+
+
+def estimate_rbc_diameter(rgb: np.ndarray) -> float:
+    """Apparent red-cell diameter of an RGB uint8 field, in that field's pixels (DEFAULT_RBC_PX when unmeasurable)."""
+    size = _estimate(*_thumbnail(rgb))
+    return DEFAULT_RBC_PX if size is None else size
 
 
 #: A white cell's diameter is about this many red-cell diameters (box drawn around each detection).

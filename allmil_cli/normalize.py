@@ -1,0 +1,91 @@
+"""Stain normalisation anchored on what every smear holds: its plasma background and its red cells.
+
+Another lab's stain, lamp and camera change the colours of a field as a whole. Two things are in every
+peripheral-blood field whatever the lab: the background between cells and the red cells. Their median
+colours (:class:`allmil_cli.scale.FieldStats`, measured on the ruler's thumbnail) fix a per-channel map to
+a reference field, applied to each cell crop before the embedder:
+
+* optical density relative to the field's own background, per channel ``c``:
+  ``od_c(x) = -ln((x + 1) / (bg_c + 1))`` (Beer-Lambert: this removes lamp colour and white balance);
+* a per-channel density gain so the red cells' density matches the reference red cells':
+  ``g_c = od_ref_rbc_c / od_rbc_c``, clamped to ``[1 / MAX_GAIN, MAX_GAIN]`` (a faint or saturated stain is
+  not amplified without bound; a clamped gain is also the stain QC flag);
+* back to intensities over the reference background: ``y_c = (bg_ref_c + 1) * exp(-g_c * od_c(x)) - 1``.
+
+The map is pointwise, so it is a 256-entry lookup table per channel: applying it costs one ``np.take``.
+The embedder's ONNX metadata says whether a model was trained with it (``allmil.stain_norm``) and carries
+its reference colours; a model without the key sees raw crops, as before.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from allmil_cli.scale import FieldStats
+
+METHOD = "anchor-od-v1"
+#: Largest density gain (and smallest, as its inverse) the map applies to one channel.
+MAX_GAIN = 2.0
+#: Reference colours: medians over the training fields (ALL-IDB1 + BCCD train/val), measured by
+#: ``python -m allmil_cli.train.shifts reference``; they ship in the embedder metadata, these are the defaults.
+REFERENCE_BACKGROUND = (170.0, 166.5, 161.0)
+REFERENCE_RBC = (161.5, 143.0, 136.5)
+
+
+@dataclass(frozen=True)
+class StainMap:
+    """The per-channel lookup table of one field, and the gains behind it (for QC)."""
+
+    lut: np.ndarray  # (3, 256) uint8
+    gains: tuple[float, float, float]  # density gains before clamping
+    clamped: bool
+
+    def apply(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 (..., 3) -> uint8 (..., 3), the field mapped to the reference stain."""
+        crops = np.asarray(crops, dtype=np.uint8)
+        out = np.empty_like(crops)
+        for c in range(3):
+            out[..., c] = self.lut[c][crops[..., c]]
+        return out
+
+
+def _od(x: np.ndarray | float, bg: float) -> np.ndarray:
+    return -np.log((np.asarray(x, np.float64) + 1.0) / (bg + 1.0))
+
+
+def stain_map(stats: FieldStats, reference_background=REFERENCE_BACKGROUND, reference_rbc=REFERENCE_RBC) -> StainMap:
+    """The lookup table that maps this field's background and red cells onto the reference ones."""
+    x = np.arange(256, dtype=np.float64)
+    lut = np.empty((3, 256), np.uint8)
+    gains = []
+    clamped = False
+    for c in range(3):
+        bg = float(stats.background_rgb[c])
+        od_rbc = float(_od(stats.rbc_rgb[c], bg))
+        od_ref = float(_od(reference_rbc[c], float(reference_background[c])))
+        gain = od_ref / od_rbc if od_rbc > 1e-3 else math.inf
+        gains.append(gain)
+        g = min(max(gain, 1.0 / MAX_GAIN), MAX_GAIN)
+        clamped |= g != gain
+        y = (float(reference_background[c]) + 1.0) * np.exp(-g * _od(x, bg)) - 1.0
+        lut[c] = np.clip(np.rint(y), 0, 255).astype(np.uint8)
+    return StainMap(lut=lut, gains=(gains[0], gains[1], gains[2]), clamped=clamped)
+
+
+def reference_from_meta(meta: dict[str, str]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The reference colours of a model trained with stain normalisation, else None (raw crops)."""
+    if meta.get("allmil.stain_norm") != METHOD:
+        return None
+    bg = tuple(float(v) for v in meta["allmil.stain_ref_background"].split(","))
+    rbc = tuple(float(v) for v in meta["allmil.stain_ref_rbc"].split(","))
+    return bg, rbc
+
+
+def meta_for(reference_background=REFERENCE_BACKGROUND, reference_rbc=REFERENCE_RBC) -> dict[str, str]:
+    """ONNX metadata entries that switch the normalisation on for an exported embedder."""
+    return {"allmil.stain_norm": METHOD,
+            "allmil.stain_ref_background": ",".join(f"{v:.1f}" for v in reference_background),
+            "allmil.stain_ref_rbc": ",".join(f"{v:.1f}" for v in reference_rbc)}
