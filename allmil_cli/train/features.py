@@ -1,0 +1,75 @@
+"""Frozen-backbone features of every training view, computed once and cached (the backbone never trains)."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from allmil_cli.crops import CROP_SIZE
+from allmil_cli.train.augment import cell_views
+from allmil_cli.train.data import load_rgb
+from allmil_cli.train.inventory import CACHE, Cell
+
+
+def to_tensor(crops: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2))).float()
+
+
+def backbone_features(backbone, crops: np.ndarray, batch: int = 32) -> np.ndarray:
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(crops), batch):
+            outs.append(backbone(to_tensor(crops[i : i + batch])).numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, backbone.dim), np.float32)
+
+
+def blank_crop() -> np.ndarray:
+    """The padding 'blank image': an all-zero (black) crop, far from any stained smear."""
+    return np.zeros((1, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+
+
+def feature_cache(backbone_name: str, n_aug: int, cells: list[Cell], weights_file: str | None = None, tag: str = "", verbose: bool = True):
+    """Backbone features of every cell view: dict(keys, feats float16 (N, 1+A, D), blank float32 (D,))."""
+    f = CACHE / f"feats_{backbone_name.replace(':', '-')}_a{n_aug}{tag}.npz"
+    keys = [c.key for c in cells]
+    have: dict[str, np.ndarray] = {}
+    if f.exists():  # incremental: reuse every cached cell, compute only new ones
+        z = np.load(f, allow_pickle=False)
+        zk = list(z["keys"])
+        if zk == keys:
+            return {"keys": keys, "feats": z["feats"], "blank": z["blank"]}
+        zf = z["feats"]
+        have = {k: zf[i] for i, k in enumerate(zk)}
+    from allmil_cli.train.backbones import build_backbone, feature_dim
+
+    dim = feature_dim(backbone_name)
+    feats = np.zeros((len(cells), 1 + n_aug, dim), np.float16)
+    order: dict[str, list[int]] = {}
+    for i, c in enumerate(cells):
+        if c.key in have:
+            feats[i] = have[c.key]
+        else:
+            order.setdefault(c.path, []).append(i)
+    bb = build_backbone(backbone_name, weights_file)
+    t0 = time.time()
+    done = 0
+    for path, idx in order.items():
+        rgb = load_rgb(Path(path))
+        rng = np.random.default_rng(zlib.crc32(path.encode()))
+        views = cell_views(rgb, [cells[i] for i in idx], n_aug, rng)
+        fv = backbone_features(bb, views.reshape(-1, CROP_SIZE, CROP_SIZE, 3))
+        feats[idx] = fv.reshape(len(idx), 1 + n_aug, -1).astype(np.float16)
+        done += len(idx)
+        if verbose:
+            print(f"  features {backbone_name}: {done}/{sum(map(len, order.values()))} new cells, {time.time() - t0:.0f}s", flush=True)
+    blank = backbone_features(bb, blank_crop())[0].astype(np.float32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(f, keys=np.array(keys), feats=feats, blank=blank)
+    return {"keys": keys, "feats": feats, "blank": blank}
