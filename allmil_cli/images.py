@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+#: Formats read as smear fields; WebP joins when this Pillow build has it.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"} | ({".webp"} if features.check("webp") else set()))
+#: Operating-system clutter, skipped and listed as "hidden or system file".
+JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
 
 #: Decompression-bomb cap: a field above this many pixels is refused (a 2592x1944 field is 5 Mpx).
 MAX_PIXELS = 80_000_000
@@ -36,6 +39,8 @@ class Patient:
     name: str
     folder: Path
     images: list[Path] = field(default_factory=list)
+    #: Files below the folder that are not analysed: ``{"file": relative path, "reason": why}``.
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -55,8 +60,39 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def skip_reason(path: Path, root: Path) -> str | None:
+    """Why a file below ``root`` is not analysed (None: it is a smear field to read)."""
+    parts = path.relative_to(root).parts
+    if path.name.lower() in JUNK_NAMES or any(p.startswith((".", "__MACOSX")) for p in parts):
+        return "skipped: hidden or system file"
+    if path.is_symlink() and not path.exists():
+        return "skipped: broken link (its target is missing); re-create the link or copy the image"
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        what = f"'{suffix}'" if suffix else "no file extension"
+        webp = " (this Pillow build cannot read WebP)" if suffix == ".webp" else ""
+        return (f"skipped: unsupported format ({what}){webp}; export the field as JPEG, PNG or TIFF"
+                + (", or add the right extension" if not suffix else ""))
+    return None
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """Images below ``folder`` (sorted) and the files skipped there, each with its reason."""
+    images: list[Path] = []
+    skipped: list[dict[str, str]] = []
+    for p in sorted(folder.rglob("*"), key=lambda q: str(q)):
+        if p.is_dir():
+            continue
+        reason = skip_reason(p, folder)
+        if reason is None and p.is_file():
+            images.append(p)
+        elif reason is not None:
+            skipped.append({"file": str(p.relative_to(folder)), "reason": reason})
+    return images, skipped
+
+
 def _images_below(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.rglob("*") if p.is_file() and _is_image(p)), key=lambda p: str(p))
+    return _scan(folder)[0]
 
 
 def discover_patients(root: Path, per_image: bool = False) -> tuple[list[Patient], list[str]]:
@@ -71,7 +107,11 @@ def discover_patients(root: Path, per_image: bool = False) -> tuple[list[Patient
         raise NotADirectoryError(f"{root}: not a folder. Give the folder that holds one subfolder per patient.")
     notes: list[str] = []
     if per_image:
-        patients = [Patient(name=str(p.relative_to(root).with_suffix("")), folder=p.parent, images=[p]) for p in _images_below(root)]
+        images, skipped = _scan(root)
+        patients = [Patient(name=str(p.relative_to(root).with_suffix("")), folder=p.parent, images=[p]) for p in images]
+        shown = [s for s in skipped if "hidden" not in s["reason"]]
+        if shown:
+            notes.append(f"{root}: {len(shown)} file(s) skipped, e.g. {shown[0]['file']}: {shown[0]['reason']}.")
         return patients, notes
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
     if loose:
@@ -81,7 +121,8 @@ def discover_patients(root: Path, per_image: bool = False) -> tuple[list[Patient
         )
     patients = []
     for sub in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name):
-        patients.append(Patient(name=sub.name, folder=sub, images=_images_below(sub)))
+        images, skipped = _scan(sub)
+        patients.append(Patient(name=sub.name, folder=sub, images=images, skipped=skipped))
     return patients, notes
 
 

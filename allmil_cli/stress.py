@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from allmil_cli.images import Patient
+from allmil_cli.images import Field, Patient
 from allmil_cli.metrics import binary_metrics
 from allmil_cli.models import Models
-from allmil_cli.pipeline import Options, PatientResult, Pipeline
+from allmil_cli.pipeline import Cell, Options, PatientResult, Pipeline
 
 
 def run_stress_test(
@@ -23,9 +23,14 @@ def run_stress_test(
     conditions: Sequence[str],
     options: Options,
     on_done: Callable[[PatientResult], None] | None = None,
+    on_field: Callable[[Patient, Field, list[Cell], float], None] | None = None,
 ) -> list[dict]:
-    """One row per condition: recall over labelled ALL patients (+ specificity, counts)."""
-    pipeline = Pipeline(models, options)
+    """One row per condition: recall over labelled ALL patients (+ specificity, counts).
+
+    ``on_done`` gets every patient's result under every condition (patients in order, conditions in the
+    order given); ``on_field`` is :attr:`Pipeline.on_field` (the review page's thumbnails).
+    """
+    pipeline = Pipeline(models, options, on_field=on_field)
     by_condition: dict[str, list[PatientResult]] = {c: [] for c in conditions}
     labelled = [p for p in patients if p.name in labels]
     pipeline.prefetch(labelled)

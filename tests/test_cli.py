@@ -43,14 +43,14 @@ def test_diagnose_examples_writes_csv_and_json(patients_dir, tiny_weights, tmp_p
         assert row["call"] in {"ALL", "normal", "indeterminate"}
         assert 0.0 <= float(row["p_all"]) <= 1.0
         assert int(row["n_cells"]) >= 1  # every BCCD field holds at least one stained WBC
-    assert [int(r["n_images"]) for r in rows] == [2, 3, 1]
+    assert [int(r["n_images"]) for r in rows] == [5, 5, 5]
     doc = json.loads(js.read_text())
     assert set(doc["models_sha256"]) == {"detector.onnx", "embedder.onnx", "aggregator.onnx"}
     assert doc["execution_provider"] == "CPUExecutionProvider" and doc["version"]
     cell = doc["patients"][0]["cells"][0]
     x0, y0, x1, y1 = cell["box"]
     assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480 and 0 <= cell["blast_score"] <= 1
-    assert len(doc["patients"][1]["images"]) == 3
+    assert len(doc["patients"][1]["images"]) == 5
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
@@ -80,7 +80,7 @@ def test_bad_inputs_do_not_kill_the_batch(patients_dir, tiny_weights, tmp_path):
     reason = rows["patient bad ☃"]["reason"]
     assert rows["patient bad ☃"]["status"] == "failed" and "none of 2 image(s) could be read" in reason and "text.jpg" in reason
     assert rows["patient_empty"]["status"] == "insufficient" and "no images" in rows["patient_empty"]["reason"]
-    assert rows["patient_A"]["status"] == "ok" and rows["patient_A"]["n_images"] == "2"
+    assert rows["patient_A"]["status"] == "ok" and rows["patient_A"]["n_images"] == "5"
     assert rows["patient_B"]["status"] == "ok"
     doc = json.loads((tmp_path / "r.json").read_text())
     a = next(p for p in doc["patients"] if p["patient"] == "patient_A")
@@ -181,7 +181,7 @@ def test_cell_size_override_is_used_for_every_field(patients_dir, tiny_weights, 
     run("diagnose", patients_dir, "--out", tmp_path / "b.csv", "--json", tmp_path / "b.json", "--weights", tiny_weights, "--quiet")
     given = [i["rbc_px"] for p in json.loads((tmp_path / "a.json").read_text())["patients"] for i in p["images"]]
     estimated = [i["rbc_px"] for p in json.loads((tmp_path / "b.json").read_text())["patients"] for i in p["images"]]
-    assert given == [100.0] * 6
+    assert given == [100.0] * 15
     assert len(set(estimated)) > 1 and all(60 < e < 200 for e in estimated)  # per-field automatic estimate
 
 
