@@ -62,7 +62,7 @@ def roc_svg(labels: Sequence[int], scores: Sequence[float], auc: float, threshol
     fpr, tpr = roc_points(labels, scores)
     fig = _figure(3.6, 3.4)
     ax = fig.add_subplot()
-    ax.plot(fpr, tpr, drawstyle="steps-post", color="#b2182b", lw=2, label=f"allmil (AUC {auc:.3f})")
+    ax.plot(fpr, tpr, color="#b2182b", lw=2, label=f"allmil (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], color="#999999", lw=1, ls="--", label="chance")
     y, s = np.asarray(labels), np.asarray(scores)
     op_fpr = float(((s >= threshold) & (y == 0)).sum()) / max(1, int((y == 0).sum()))

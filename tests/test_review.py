@@ -1,0 +1,257 @@
+"""The --html review page and --crops-dir, on the shipped BCCD example fields with tiny real ONNX models.
+
+The page is parsed (html.parser) and, when Debian's chromium is installed, rendered headless: the
+screenshot must show the thumbnails, and the inline table sort must run under the page's CSP.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from allmil_cli.cli import app
+from allmil_cli.images import discover_patients
+from allmil_cli.models import load_models
+from allmil_cli.pipeline import Pipeline
+from allmil_cli.review_capture import CELL_PX, FIELD_PX, ReviewCollector
+
+runner = CliRunner()
+XSS = "<img src=x onerror=alert(1)>"
+XSS_FILE = "x'\"><svg onload=alert(2)>.jpg"
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+class Page(HTMLParser):
+    """Every start tag with its attributes, and the page's text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.scripts: list[str] = []
+        self._in_script = False
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+    def handle_data(self, data):
+        (self.scripts if self._in_script else self.text).append(data)
+
+    def all(self, tag: str) -> list[dict[str, str | None]]:
+        return [a for t, a in self.tags if t == tag]
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def browser(*args: str) -> subprocess.CompletedProcess:
+    exe = chromium()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def labelled_page(tmp_path_factory, tiny_weights):
+    """diagnose --html --labels --json on the example patients (once for the module)."""
+    from tests.conftest import EXAMPLES
+
+    tmp = tmp_path_factory.mktemp("review")
+    labels = tmp / "labels.csv"
+    labels.write_text("patient,label\npatient_A,ALL\npatient_B,normal\npatient_C,normal\n")
+    r = run("diagnose", EXAMPLES, "--out", tmp / "r.csv", "--json", tmp / "r.json", "--html", tmp / "review.html",
+            "--labels", labels, "--weights", tiny_weights, "--quiet", "--min-cells-normal", "0")
+    assert r.exit_code == 0, r.output
+    return tmp / "review.html", json.loads((tmp / "r.json").read_text())
+
+
+def test_page_is_self_contained_and_complete(labelled_page):
+    path, doc = labelled_page
+    text = path.read_text(encoding="utf-8")
+    page = Page(text)
+    # nothing is fetched: every image is a data URI, no stylesheet or script file, a CSP that forbids the network
+    imgs = page.all("img")
+    assert imgs and all(a["src"].startswith("data:image/jpeg;base64,") for a in imgs)
+    assert all(a["href"].startswith("data:image/jpeg;base64,") for a in page.all("image"))
+    assert not page.all("link") and all("src" not in a for a in page.all("script")) and len(page.all("script")) == 1
+    assert not re.search(r"""(src|href)=['"]?(https?:|//)""", text)
+    csp = next(a["content"] for a in page.all("meta") if a.get("http-equiv") == "Content-Security-Policy")
+    assert "default-src 'none'" in csp and "img-src data:" in csp
+    digest = base64.b64encode(hashlib.sha256(page.scripts[0].encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in csp  # the one inline script is allowed by hash, nothing else is
+    # run information
+    body = " ".join(page.text)
+    for name, sha in doc["models_sha256"].items():
+        assert sha in body and name in body
+    assert doc["execution_provider"] in body and doc["version"] in body and "min_cells_normal=0" in body
+    # the patient table: one row per patient, sortable, with the calls of the JSON
+    assert [a["data-key"] for a in page.all("th") if a.get("data-key")][:10] == ["patient", "status", "call", "p_all", "images", "cells",
+                                                              "blast_like", "blast_fraction", "qc", "skipped"]
+    rows = re.findall(r"<tr><td data-v='([^']*)'><a href='#p-(\d+)'>", text)
+    assert [name for name, _ in rows] == [p["patient"] for p in doc["patients"]]
+    # per patient: cell thumbnails (top 12, with scores) and every shown field with one box per detected cell
+    for i, p in enumerate(doc["patients"]):
+        section = text[text.index(f"<section id='p-{i}'>"):]
+        section = section[: section.index("</section>")]
+        n_thumbs = section.count("<figure class='cell")
+        assert n_thumbs == min(len(p["cells"]), 12 + 4)
+        top_scores = sorted((c["blast_score"] for c in p["cells"]), reverse=True)[:12]
+        shown = [float(s) for s in re.findall(r"<figcaption>([0-9.]+)", section)][: len(top_scores)]
+        assert shown == pytest.approx(top_scores, abs=6e-4)
+        for svg in re.findall(r"<svg viewBox='0 0 640 480'.*?</svg>", section, flags=re.S):
+            label = re.search(r"aria-label='([^']*)'", svg).group(1)
+            assert svg.count("<rect") == sum(1 for c in p["cells"] if c["image"] == label)
+    # labels: metrics, confusion matrix, ROC curve as inline SVG
+    m = doc["metrics"]
+    assert "Confusion matrix" in body and f"{m['accuracy']:.4f}" in body
+    cm = re.search(r"<th>ALL</th><td class='num'>(\d+)</td><td class='num'>(\d+)</td></tr><tr><th>normal</th>"
+                   r"<td class='num'>(\d+)</td><td class='num'>(\d+)</td>", text)
+    assert tuple(int(x) for x in cm.groups()) == (m["tp"], m["fn"], m["fp"], m["tn"])
+    assert "ROC, 3 labelled patients" in text and f"AUC {m['roc_auc']:.3f}" in text
+
+
+def test_thumbnails_are_small_jpegs(labelled_page):
+    path, doc = labelled_page
+    text = path.read_text()
+    sizes = []
+    for b64 in re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", text):
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+            assert im.format == "JPEG"
+            sizes.append(im.size)
+    assert (CELL_PX, CELL_PX) in sizes and max(max(s) for s in sizes) <= FIELD_PX
+    # small enough to e-mail for 20 patients: well under 150 kB per patient with 5 fields each
+    assert path.stat().st_size / len(doc["patients"]) < 150_000
+
+
+def test_user_strings_are_escaped(patients_dir, tiny_weights, tmp_path):
+    evil = patients_dir / XSS
+    (patients_dir / "patient_A").rename(evil)
+    (evil / "BloodImage_00007.jpg").rename(evil / XSS_FILE)
+    html_path = tmp_path / "review.html"
+    r = run("diagnose", patients_dir, "--out", tmp_path / "r.csv", "--html", html_path, "--weights", tiny_weights, "--quiet")
+    assert r.exit_code == 0, r.output
+    text = html_path.read_text(encoding="utf-8")
+    page = Page(text)
+    assert not any(k.startswith("on") for _, attrs in page.tags for k in attrs)  # no event handler got in
+    assert all(a["src"].startswith("data:") for a in page.all("img"))  # no <img src=x>
+    assert not page.all("svg") or all(a.get("viewbox") or a.get("viewBox") for a in page.all("svg"))
+    body = "".join(page.text)
+    assert XSS in body and XSS_FILE in body  # shown as text
+    if chromium():
+        dom = browser("--virtual-time-budget=2000", "--dump-dom", html_path.as_uri()).stdout
+        assert "<img src=\"x\"" not in dom and "onerror" not in dom.replace("onerror=alert(1)&gt;", "")
+
+
+def test_page_renders_in_headless_chromium_and_sorts(labelled_page, tmp_path):
+    path, doc = labelled_page
+    shot = tmp_path / "shot.png"
+    p = browser("--window-size=1200,4000", f"--screenshot={shot}", path.as_uri())
+    assert shot.exists(), p.stderr[-2000:]
+    a = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    assert a.shape[:2] == (4000, 1200)
+    not_white = (a.min(axis=2) < 235).mean()
+    assert not_white > 0.05, f"screenshot nearly blank ({not_white:.3f} non-white)"
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    stain = ((b - g > 25) & (r - g > 10)).mean()  # purple/pink smear pixels: the thumbnails were drawn
+    assert stain > 0.005, f"no smear colours on screen ({stain:.4f})"
+    # the inline sort runs (allowed by the CSP hash): #sort=patient-desc reverses the table
+    dom = browser("--virtual-time-budget=3000", "--dump-dom", path.as_uri() + "#sort=patient-desc").stdout
+    order = re.findall(r'href="#p-\d+">([^<]+)</a>', dom)
+    assert order == sorted((p["patient"] for p in doc["patients"]), reverse=True)
+    assert 'aria-sort="descending"' in dom
+
+
+def test_page_without_matplotlib_has_tables_and_a_note(patients_dir, tiny_weights, tmp_path, monkeypatch):
+    from allmil_cli import review_plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert not review_plots.available()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient_A,ALL\npatient_B,normal\npatient_C,normal\n")
+    r = run("diagnose", patients_dir, "--out", tmp_path / "r.csv", "--html", tmp_path / "p.html", "--labels", labels,
+            "--weights", tiny_weights, "--quiet")
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "p.html").read_text()
+    assert review_plots.MISSING.split(":")[0] in text and "Confusion matrix" in text
+    assert "ROC, " not in text and "<figure class='cell" in text
+
+
+def test_stress_test_page_draws_recall_per_condition(patients_dir, tiny_weights, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient_A,ALL\npatient_B,ALL\npatient_C,normal\n")
+    out, page_path = tmp_path / "stress.csv", tmp_path / "stress.html"
+    r = run("stress-test", patients_dir, "--labels", labels, "--out", out, "--html", page_path, "--weights", tiny_weights,
+            "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(out)))
+    text = page_path.read_text()
+    assert "Stress test: does the call depend on the blasts?" in text  # the plot's title (matplotlib SVG)
+    for row in rows:
+        tp, n_all = int(row["tp"]), int(row["n_all"])
+        assert f"{100 * float(row['recall']):.1f} %" in text and f"({tp}/{n_all})" in text
+    assert [a.get("data-key") for a in Page(text).all("th") if (a.get("data-key") or "").startswith("cond_")] == \
+        ["cond_none", "cond_blasts", "cond_normals"]
+    assert text.count("<section id='p-") == 3
+
+
+def test_crops_dir_saves_top_cells_as_png(patients_dir, tiny_weights, tmp_path):
+    crops = tmp_path / "crops" / "new"
+    r = run("diagnose", patients_dir, "--out", tmp_path / "r.csv", "--json", tmp_path / "r.json", "--crops-dir", crops,
+            "--weights", tiny_weights, "--quiet")
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    for p in doc["patients"]:
+        index = list(csv.DictReader(open(crops / p["patient"] / "cells.csv")))
+        assert len(index) == min(12, len(p["cells"]))
+        want = sorted((c["blast_score"] for c in p["cells"]), reverse=True)[: len(index)]
+        assert [float(row["blast_score"]) for row in index] == pytest.approx(want, abs=1e-4)
+        for row in index:
+            with Image.open(crops / p["patient"] / row["file"]) as im:
+                assert im.format == "PNG" and im.size == (224, 224)
+                assert np.asarray(im).std() > 10  # a real smear crop, not a blank
+    assert not (tmp_path / "review.html").exists()
+
+
+def test_results_analysed_elsewhere_are_captured_by_reading_again(tiny_weights):
+    """A result from a Ray actor or a resumed journal has no captured fields: the collector reads them again."""
+    from tests.conftest import EXAMPLES
+
+    patients, _ = discover_patients(EXAMPLES)
+    live = ReviewCollector(review=True)
+    results = list(Pipeline(load_models(tiny_weights, device="cpu"), on_field=live.on_field).run(patients, on_done=live.finish))
+    later = ReviewCollector(review=True, patients=patients)
+    for r in results:
+        later.finish(r)
+    assert later.n_reread == len(patients) and live.n_reread == 0
+    for r in results:
+        a, b = live.galleries[r.patient], later.galleries[r.patient]
+        assert [c.index for c in a.top] == [c.index for c in b.top] and len(a.top) == min(12, r.n_cells)
+        for x, y in zip(a.top, b.top):  # the same cells, cut from the same pixels (the JSON's ruler is rounded to 0.1 px)
+            ix, iy = (np.asarray(Image.open(io.BytesIO(c.jpeg))).astype(np.float64) for c in (x, y))
+            assert np.abs(ix - iy).mean() < 6.0
+        assert [f.jpeg for f in a.fields] == [f.jpeg for f in b.fields] and a.fields
