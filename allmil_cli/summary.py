@@ -17,6 +17,7 @@ from rich.table import Table
 from allmil_cli.pipeline import PatientResult
 
 MAX_LINES = 2  # per table cell
+MIN_REASON = 16  # columns kept for the reason
 COLOURS = {"ALL": "bold red", "normal": "green", "indeterminate": "yellow", "insufficient": "yellow", "failed": "red"}
 
 
@@ -49,7 +50,9 @@ def summary_table(results: Sequence[PatientResult], width: int, rows: int = 50) 
     }
     # SIMPLE_HEAD without edges: 3 characters (padding, rule, padding) between neighbouring columns.
     overhead = 3 * len(widths)
-    reason_w = max(12, width - sum(widths.values()) - overhead)
+    rest = width - overhead - sum(w for k, w in widths.items() if k != "patient")
+    widths["patient"] = max(8, min(widths["patient"], rest - MIN_REASON))  # long names give way to the reason
+    reason_w = max(MIN_REASON, rest - widths["patient"])
     table = Table(title="allmil: per-patient calls", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   show_edge=False, expand=False, collapse_padding=False)
     for name, w in widths.items():
