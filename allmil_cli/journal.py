@@ -1,0 +1,278 @@
+"""The run journal: one JSON line per finished patient, so a crashed or killed run loses at most the patient
+in flight and ``--resume`` picks up where it stopped.
+
+File layout (UTF-8, one JSON object per line):
+
+- line 1, the header: ``{"allmil_journal": 1, "fingerprint": {...}, "meta": {...}}``. The fingerprint holds
+  everything that changes a call (allmil version, model sha256s, thresholds, cell size, min cells, seed,
+  per-image, shard...); a resume whose fingerprint differs is refused. ``meta`` is the JSON report's header.
+- ``{"plan": {"n_patients": N, "started": ISO}}``: written by each run (fresh or resumed) before its patients:
+  how many patients that run was to cover (``allmil merge`` checks a shard journal is complete against it).
+- ``{"patient": {...}, "key": "..."}``: one finished patient, serialised in full (per-image and per-cell data):
+  the reports are rebuilt from these lines alone. ``key`` orders patients as discovery does.
+
+Every patient line is flushed and fsynced before the next patient starts. A line cut short by a kill
+(no trailing newline, or not valid JSON) is dropped on resume and that patient is analysed again.
+Floats are written with Python's shortest round-trip repr (NaN as ``NaN``), so a report rebuilt from the journal is
+byte-identical to one built from the live results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from allmil_cli.pipeline import PatientResult
+
+FORMAT = 1
+
+
+class JournalError(Exception):
+    """A journal that cannot be resumed (other weights/options, unreadable); the message is for the user."""
+
+
+# ---- PatientResult <-> JSON-able dict -------------------------------------------------------------------
+# Generic over the dataclasses' fields and type hints, so a field added to PatientResult, ImageResult or Cell
+# (or a nested dataclass such as the images' FieldStats) is journalled without touching this module.
+def encode(obj: Any) -> Any:
+    """A JSON-able copy of ``obj`` (dataclasses, numpy arrays, tuples); floats keep every bit (NaN included)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.ravel().tolist(), "shape": list(obj.shape), "dtype": str(obj.dtype)}
+    if isinstance(obj, (list, tuple)):
+        return [encode(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): encode(v) for k, v in obj.items()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def decode(value: Any, hint: Any) -> Any:
+    """Rebuild a value of type ``hint`` from :func:`encode`'s output."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and "__ndarray__" in value:
+        return np.asarray(value["__ndarray__"], dtype=value["dtype"]).reshape(value["shape"])
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return decode(value, arg)
+                except (TypeError, ValueError, KeyError):
+                    continue
+        return value
+    if dataclasses.is_dataclass(hint):
+        hints = _hints(hint)
+        return hint(**{k: decode(v, hints.get(k, Any)) for k, v in value.items() if k in hints})
+    if origin is list:
+        return [decode(v, args[0] if args else Any) for v in value]
+    if origin is tuple:
+        return tuple(decode(v, args[0] if args else Any) for v in value)
+    if origin is dict:
+        return {k: decode(v, args[1] if len(args) == 2 else Any) for k, v in value.items()}
+    if hint is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = {f.name: t for f, t in ((f, typing.get_type_hints(cls).get(f.name, Any)) for f in dataclasses.fields(cls))}
+    return _HINTS[cls]
+
+
+def result_to_dict(r: PatientResult) -> dict[str, Any]:
+    """Everything a PatientResult holds (per-image and per-cell data included), exactly."""
+    return encode(r)
+
+
+def result_from_dict(d: dict[str, Any]) -> PatientResult:
+    return decode(d, PatientResult)
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+def journal_path_for(out: str | Path | None, json_out: str | Path | None) -> Path | None:
+    """The default journal beside the report: ``report.csv`` -> ``report.journal.jsonl`` (None: both on stdout)."""
+    for p in (out, json_out):
+        if p is not None and str(p) != "-":
+            p = Path(p)
+            return p.with_name(f"{p.stem}.journal.jsonl")
+    return None
+
+
+def is_journal(path: Path) -> bool:
+    """True when ``path`` starts with a journal header line."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+        return isinstance(head := json.loads(first), dict) and "allmil_journal" in head
+    except (OSError, ValueError):
+        return False
+
+
+class Contents:
+    """What a journal file holds: header, the latest plan, finished patients (name -> (key, result))."""
+
+    def __init__(self) -> None:
+        self.header: dict[str, Any] = {}
+        self.n_planned: int | None = None
+        self.patients: dict[str, tuple[str, PatientResult]] = {}
+        self.good_lines: list[bytes] = []  # header, plans and patient lines that parsed, in file order
+        self.dropped = 0  # lines cut short or unparsable
+
+    @property
+    def results(self) -> list[PatientResult]:
+        return [r for _, r in sorted(self.patients.values(), key=lambda kr: kr[0])]
+
+
+def read_journal(path: Path) -> Contents:
+    """Parse a journal, dropping a line cut short by a kill (and any other unparsable line)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise JournalError(f"{path}: cannot read the journal ({exc.strerror or exc}).") from exc
+    lines = data.split(b"\n")
+    c = Contents()
+    for i, raw in enumerate(lines):
+        complete = i < len(lines) - 1  # the last piece has no newline: cut short (or empty)
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw) if complete else None
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            if i == 0:
+                raise JournalError(f"{path}: not an allmil journal (its first line is not a journal header).")
+            c.dropped += 1
+            continue
+        if i == 0:
+            if "allmil_journal" not in obj:
+                raise JournalError(f"{path}: not an allmil journal (no header line); pass another --out or --journal.")
+            c.header = obj
+        elif "plan" in obj:
+            c.n_planned = int(obj["plan"]["n_patients"])
+        elif "patient" in obj:
+            try:
+                r = result_from_dict(obj["patient"])
+            except (KeyError, TypeError, ValueError, IndexError):
+                c.dropped += 1
+                continue
+            c.patients[r.patient] = (str(obj.get("key", r.patient)), r)
+        else:
+            c.dropped += 1
+            continue
+        c.good_lines.append(raw)
+    if not c.header:
+        raise JournalError(f"{path}: empty or not an allmil journal; remove it or pass another --out/--journal.")
+    if "n_patients" in c.header.get("plan", {}) and c.n_planned is None:
+        c.n_planned = int(c.header["plan"]["n_patients"])
+    return c
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when they match)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    out.append(f"{key}[{sub}]: journal {_short(a.get(sub))}, now {_short(b.get(sub))}")
+        else:
+            out.append(f"{key}: journal {_short(a)}, now {_short(b)}")
+    return out
+
+
+def _short(v: Any) -> str:
+    return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+class Journal:
+    """An open journal; :meth:`append` makes one patient durable (write, flush, fsync)."""
+
+    def __init__(self, path: Path, f: TextIO) -> None:
+        self.path = path
+        self._f = f
+
+    @classmethod
+    def create(cls, path: Path, fingerprint: dict[str, Any], meta: dict[str, Any], n_planned: int) -> Journal:
+        """Start a new journal (an existing file at ``path`` is replaced)."""
+        head = {"allmil_journal": FORMAT, "fingerprint": fingerprint, "meta": meta}
+        text = _line(head) + _line(_plan(n_planned))
+        tmp = path.with_name(f".{path.name}.new")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return cls(path, open(path, "a", encoding="utf-8"))
+
+    @classmethod
+    def resume(cls, path: Path, fingerprint: dict[str, Any], n_planned: int) -> tuple[Journal, Contents]:
+        """Reopen ``path`` for appending after checking it was written with the same fingerprint.
+
+        Lines cut short by a kill are dropped (the file is rewritten without them, atomically).
+        """
+        contents = read_journal(path)
+        diff = fingerprint_diff(contents.header.get("fingerprint", {}), fingerprint)
+        if diff:
+            raise JournalError(
+                f"{path}: cannot resume: this journal was written with other weights or options ("
+                + "; ".join(diff) + "). Rerun with the journal's weights and options, or start afresh without "
+                "--resume (the journal is replaced) or with another --out."
+            )
+        if contents.dropped:
+            tmp = path.with_name(f".{path.name}.new")
+            with open(tmp, "wb") as f:
+                f.write(b"".join(line + b"\n" for line in contents.good_lines))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        j = cls(path, open(path, "a", encoding="utf-8"))
+        j._write(_line(_plan(n_planned)))
+        return j, contents
+
+    def append(self, result: PatientResult, key: str) -> None:
+        self._write(_line({"patient": result_to_dict(result), "key": key}))
+
+    def _write(self, text: str) -> None:
+        self._f.write(text)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _plan(n: int) -> dict[str, Any]:
+    return {"plan": {"n_patients": n, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
+
+
+def _line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
