@@ -3,15 +3,16 @@
 Patients are streamed: a patient's crops and features are dropped once its result is built, so
 memory stays flat however many patients a run holds. Each field is decoded once; the networks run
 once per field (detector) and in batches (embedder, aggregator).
+
+Execution (:mod:`allmil_cli.parallel`): with ``Options.workers`` > 1, worker processes analyse whole files
+(:meth:`Pipeline.analyse_file`, the same code as the serial path) and this process gathers their
+:class:`FileOutcome` in order, embeds crops when the embedder runs on a GPU here, and makes the calls.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from allmil_cli.embed import Embedder
 from allmil_cli.images import MAX_PIXELS, Field, ImageError, Patient, load_fields
 from allmil_cli.labels import read_points
 from allmil_cli.models import Models
+from allmil_cli.parallel import LOOKAHEAD_PER_WORKER, FieldOutcome, FileOutcome, ProcessPool, StageTimer, ThreadLookahead
 from allmil_cli.scale import FieldStats, measure_field
 
 REMOVE_CHOICES = ("none", "blasts", "normals")
@@ -31,8 +33,11 @@ REMOVE_CHOICES = ("none", "blasts", "normals")
 #: The smallest cells-per-patient count whose held-out (protocol 2) accuracy reaches 95 % in the ablation of
 #: docs/classifier_results.md: 1 cell 78.2 %, 2 cells 89.8 %, 4 cells 97.0 %, 8 cells 97.8 %.
 MIN_CELLS_NORMAL = 4
-#: Files decoded ahead per decode worker (bounds memory: at most 2 x workers decoded files wait).
-LOOKAHEAD_PER_WORKER = 2
+#: What a worker does with a file: ``analyse`` (up to the embeddings), ``crops`` (up to the stain-mapped crops;
+#: the embedder runs in the main process, e.g. on a GPU), ``detect`` / ``detect+crops`` (``allmil detect``).
+MODES = ("analyse", "crops", "detect", "detect+crops")
+__all__ = ["LOOKAHEAD_PER_WORKER", "MODES", "Options", "Cell", "ImageResult", "PatientResult", "Evidence", "FieldOutcome",
+           "FileOutcome", "StageTimer", "Pipeline"]
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Options:
     truth_dir: Path | None = None  # stress test: .xyc blast centroids per image stem (else model scores)
     keep_features: bool = False  # keep per-cell features/crops-free arrays for `allmil embed`
     decode_workers: int = 1  # threads decoding upcoming files (more pays off when the networks run on a GPU)
+    workers: int = 1  # worker processes analysing files (1: this process, with decode look-ahead threads)
 
 
 @dataclass
@@ -113,24 +119,6 @@ class Evidence:
     notes: list[str] = field(default_factory=list)
 
 
-class StageTimer:
-    """Wall-clock seconds spent per pipeline stage, summed over a run (for the benchmark).
-
-    ``decode`` is the time the analysis waited for a decoded file; ``scale`` (the red-cell ruler) runs in
-    the look-ahead threads, overlapping the networks.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._lock = threading.Lock()  # the look-ahead threads time the ruler too
-
-    def add(self, stage: str, start: float) -> float:
-        now = time.perf_counter()
-        with self._lock:
-            self.seconds[stage] += now - start
-        return now
-
-
 class Pipeline:
     """Holds the models of one run; call :meth:`diagnose_patient` per patient."""
 
@@ -146,9 +134,10 @@ class Pipeline:
         self.aggregator = Aggregator(models.aggregator, self.embedder.blank_features())
         self.threshold = self.options.threshold if self.options.threshold is not None else self.aggregator.threshold
         self.cell_threshold = self.aggregator.cell_threshold
-        self._executor: ThreadPoolExecutor | None = None
-        self._upcoming: deque[Path] = deque()
-        self._pending: deque[tuple[Path, Future]] = deque()
+        self._ahead = ThreadLookahead(self._read, self.options.decode_workers)
+        self._pool: ProcessPool | None = None
+        #: Embed in this process, batched across fields, when the embedder runs on a GPU; else where the crops are cut.
+        self.embed_here = models.provider != "CPUExecutionProvider"
 
     # -- one field -----------------------------------------------------------------------------
     def measure(self, rgb: np.ndarray) -> FieldStats:
@@ -204,36 +193,11 @@ class Pipeline:
             raise ImageError(f"{path}: unexpected error while reading ({exc}); re-export the image.") from exc
         return [(f, self.measure(f.rgb)) for f in fields], notes
 
-    def _schedule(self, paths: list[Path]) -> None:
-        """Queue files to be decoded ahead, in order, at most ``LOOKAHEAD_PER_WORKER`` per worker at a time."""
-        self._upcoming.extend(paths)
-        self._refill()
-
-    def _refill(self) -> None:
-        workers = max(1, int(self.options.decode_workers))
-        while self._upcoming and len(self._pending) < LOOKAHEAD_PER_WORKER * workers:
-            path = self._upcoming.popleft()
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="allmil-decode")
-            self._pending.append((path, self._executor.submit(self._read, path)))
-
     def _fetch(self, path: Path) -> tuple[list[tuple[Field, FieldStats]], list[str]]:
-        if any(p == path for p, _ in self._pending):
-            while True:  # files scheduled before this one were skipped by the caller: drop them
-                p, future = self._pending.popleft()
-                if p == path:
-                    break
-                future.cancel()
-            self._refill()
-            return future.result()
-        return self._read(path)  # not scheduled (direct library use): read now
+        return self._ahead.fetch(path)
 
     def iter_fields(self, patient: Patient, images: list[ImageResult], notes: list[str]) -> Iterator[tuple[Field, FieldStats]]:
-        """Each decoded field of the patient with its measure (ruler, colours); unusable files become ``failed`` entries.
-
-        Files are decoded once, a few files ahead in background threads (``Options.decode_workers``), so
-        decoding overlaps the networks; the time spent waiting for a file is counted as ``decode``.
-        """
+        """Each decoded field of the patient with its measure; unusable files become ``failed`` entries."""
         for path in patient.images:
             t = time.perf_counter()
             try:
@@ -244,44 +208,125 @@ class Pipeline:
                 continue
             self.timer.add("decode", t)
             notes.extend(page_notes)
-            for item in fields:
-                yield item
-            del fields
+            yield from fields
+
+    def analyse_file(self, path: Path, mode: str = "analyse", keep_field: bool = False) -> FileOutcome:
+        """Decode one file and analyse each of its fields (``mode``: see ``MODES``); what a worker process runs.
+
+        Files are decoded once, a few files ahead in background threads (``Options.decode_workers``); the
+        time spent waiting for a file is counted as ``decode``. A bad file or field is an outcome, never an error.
+        """
+        t = time.perf_counter()
+        try:
+            fields, notes = self._fetch(path)
+        except ImageError as exc:
+            self.timer.add("decode", t)
+            return FileOutcome(path=path, error=str(exc))
+        self.timer.add("decode", t)
+        return FileOutcome(path=path, fields=[self._field_outcome(f, s, mode, keep_field) for f, s in fields], notes=notes)
+
+    def _field_outcome(self, fld: Field, stats: FieldStats, mode: str, keep_field: bool) -> FieldOutcome:
+        crops = feats = None
+        try:
+            if mode == "analyse":
+                info, cells, feats, stats = self.analyse_field(fld, stats)
+            else:
+                cells, stats = self.locate_cells(fld, stats)
+                t = time.perf_counter()
+                if mode == "crops":
+                    crops = self._crops(fld, cells, stats)
+                elif mode == "detect+crops":
+                    crops = crop_cells(fld.rgb, np.asarray([(c.x, c.y) for c in cells]).reshape(-1, 2), stats.rbc_px)
+                self.timer.add("crop", t)
+                info = self._info(fld, stats, len(cells))
+        except Exception as exc:  # noqa: BLE001 - one field's failure is reported, not fatal
+            what = "detection" if mode.startswith("detect") else "analysis"
+            return FieldOutcome(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: {what} failed ({exc})."))
+        return FieldOutcome(info, cells, feats, crops, fld if keep_field else None)
+
+    def _failed_file(self, path: Path, reason: str) -> FileOutcome:
+        return FileOutcome(path=path, error=f"{path}: {reason}")
+
+    def outcomes(self, patient: Patient, mode: str = "analyse") -> Iterator[FileOutcome]:
+        """The patient's files analysed in order: by the worker processes when ``Options.workers`` > 1."""
+        keep = self.on_field is not None
+        pool = self._workers_for(patient.images)
+        if pool is not None and patient.images and not pool.scheduled(patient.images[0], mode, keep):
+            pool.schedule(list(patient.images), mode, keep)  # not announced by prefetch: its fields still run in parallel
+        for path in patient.images:
+            outcome = None
+            if pool is not None:
+                t = time.perf_counter()
+                outcome = pool.fetch(path, mode, keep)
+                self.timer.add("wait", t)
+            yield outcome if outcome is not None else self.analyse_file(path, mode, keep)
+
+    def _workers_for(self, paths: list[Path]) -> ProcessPool | None:
+        """The worker pool (started on first use) when ``Options.workers`` > 1 and there is more than one file."""
+        if self._pool is None and int(self.options.workers) > 1 and len(paths) > 1:
+            m = self.models
+            self._pool = ProcessPool(m.weights_dir, m.sha256, self.options, int(self.options.workers), self._failed_file,
+                                     on_stage=lambda stage, s: self.timer.add_seconds(stage, s))
+            self._pool.start()
+        return self._pool
+
+    def _embed_pending(self, feats: list[np.ndarray | None], todo: list[tuple[int, np.ndarray]]) -> None:
+        """Embed the crops of several fields in one batch run (this process; a GPU when ``embed_here``)."""
+        if not todo:
+            return
+        t = time.perf_counter()
+        out = self.embedder.embed(np.concatenate([c for _, c in todo]), batch_size=self.options.batch_size)
+        start = 0
+        for i, crops in todo:
+            feats[i] = out[start : start + len(crops)]
+            start += len(crops)
+        todo.clear()
+        self.timer.add("embed", t)
 
     def detect_patient(self, patient: Patient, with_crops: bool = False) -> tuple[list[ImageResult], list[Cell], list[np.ndarray]]:
         """Detection only (``allmil detect``): cells per field, and their crops when asked."""
         images: list[ImageResult] = []
-        notes: list[str] = []
         cells: list[Cell] = []
         crops: list[np.ndarray] = []
-        for fld, stats in self.iter_fields(patient, images, notes):
-            try:
-                fcells, stats = self.locate_cells(fld, stats)
-            except Exception as exc:  # noqa: BLE001 - one field's failure is reported, not fatal
-                images.append(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: detection failed ({exc})."))
+        for outcome in self.outcomes(patient, "detect+crops" if with_crops else "detect"):
+            if outcome.error is not None:
+                images.append(ImageResult(image=outcome.path.name, status="failed", reason=outcome.error))
                 continue
-            images.append(self._info(fld, stats, len(fcells)))
-            cells.extend(fcells)
-            if with_crops:
-                crops.append(crop_cells(fld.rgb, np.asarray([(c.x, c.y) for c in fcells]).reshape(-1, 2), stats.rbc_px))
+            for fo in outcome.fields:
+                images.append(fo.info)
+                if fo.info.status == "ok":
+                    cells.extend(fo.cells)
+                    if with_crops:
+                        crops.append(fo.crops)
         return images, cells, crops
 
     def collect(self, patient: Patient) -> Evidence:
         """Decode, detect, crop and embed all of a patient's fields (the expensive part)."""
         ev = Evidence()
-        for fld, stats in self.iter_fields(patient, ev.images, ev.notes):
-            try:
-                info, fcells, ffeats, stats = self.analyse_field(fld, stats)
-            except Exception as exc:  # noqa: BLE001 - a model failure on one field must not lose the batch
-                ev.images.append(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: analysis failed ({exc})."))
+        feats: list[np.ndarray | None] = []
+        todo: list[tuple[int, np.ndarray]] = []  # (index in feats, crops) awaiting the embedder here
+        for outcome in self.outcomes(patient, "crops" if self.embed_here else "analyse"):
+            if outcome.error is not None:
+                ev.images.append(ImageResult(image=outcome.path.name, status="failed", reason=outcome.error))
                 continue
-            ev.images.append(info)
-            ev.cells.extend(fcells)
-            ev.features.append(ffeats)
-            if self.on_field is not None:
-                self.on_field(patient, fld, fcells, stats.rbc_px)
-            if self.options.truth_dir is not None:
-                ev.truth_flags.append(self._truth_blast_flags(fld.path, fcells, stats.rbc_px))
+            ev.notes.extend(outcome.notes)
+            for fo in outcome.fields:
+                ev.images.append(fo.info)
+                if fo.info.status != "ok":
+                    continue
+                rbc_px = fo.info.stats.rbc_px
+                ev.cells.extend(fo.cells)
+                feats.append(fo.features)
+                if fo.features is None:
+                    todo.append((len(feats) - 1, fo.crops))
+                    if sum(len(c) for _, c in todo) >= 4 * self.options.batch_size:
+                        self._embed_pending(feats, todo)
+                if self.on_field is not None and fo.decoded is not None:
+                    self.on_field(patient, fo.decoded, fo.cells, rbc_px)
+                if self.options.truth_dir is not None:
+                    ev.truth_flags.append(self._truth_blast_flags(outcome.path, fo.cells, rbc_px))
+        self._embed_pending(feats, todo)
+        ev.features = [f for f in feats if f is not None]
         return ev
 
     def diagnose_patient(self, patient: Patient, remove: str | None = None) -> PatientResult:
@@ -376,16 +421,23 @@ class Pipeline:
         finally:
             self.close()
 
-    def prefetch(self, patients: Iterable[Patient]) -> None:
-        """Announce the order in which patients will be processed, so their files are decoded ahead."""
-        self._schedule([path for p in patients for path in p.images])
+    def prefetch(self, patients: Iterable[Patient], mode: str = "analyse") -> None:
+        """Announce the order in which patients will be processed, so their files are read (or analysed) ahead.
+
+        ``mode``: what will be asked of them (``detect_patient`` asks "detect" / "detect+crops").
+        """
+        paths = [path for p in patients for path in p.images]
+        pool = self._workers_for(paths)
+        if pool is not None:
+            if mode == "analyse" and self.embed_here:
+                mode = "crops"
+            pool.schedule(paths, mode, self.on_field is not None)
+        else:
+            self._ahead.schedule(paths)
 
     def close(self) -> None:
-        """Stop the look-ahead threads (pending decodes are dropped)."""
-        self._upcoming.clear()
-        for _, future in self._pending:
-            future.cancel()
-        self._pending.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        """Stop the look-ahead threads and the worker processes (pending work is dropped)."""
+        self._ahead.close()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
