@@ -87,6 +87,15 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or s
 MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images above this many pixels (decompression-bomb guard).")]
 DecodeWorkers = Annotated[int, typer.Option("--decode-workers", min=1, max=64, help="Threads decoding upcoming images while the networks run (raise it on GPU machines).")]
 DetThreshold = Annotated[Optional[float], typer.Option("--detect-threshold", min=0.0, max=1.0, help="Detector peak threshold \\[default: the model's].")]
+MinCellsNormal = Annotated[int, typer.Option("--min-cells-normal", min=0, help="Adequacy: a patient with fewer white cells may be called ALL but not normal (it is 'insufficient'); from the cells-per-patient ablation (97 % held-out accuracy at 4 cells, 90 % at 2). 0 disables.")]
+HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Self-contained review page: run, sortable patient table, the cells behind each call, plots. Opens offline in any browser.")]
+CropsDir = Annotated[Optional[Path], typer.Option("--crops-dir", help="Save each patient's most blast-like cell crops (PNG, 224 px, with cells.csv) under this folder (created).")]
+Workers = Annotated[Optional[int], typer.Option("--workers", min=1, help="Parallel workers: worker processes with --engine local, actors with --engine ray \\[default: all cores / all cluster CPUs].")]
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 def _fail(message: str, code: int) -> None:
@@ -177,21 +186,12 @@ def _meta(models, options, command: str) -> dict[str, Any]:
 
 
 def _print_summary(results, pipeline, metrics: Optional[dict[str, Any]]) -> None:
-    table = Table(title="allmil: per-patient calls", title_justify="left", show_lines=False)
-    for col in ("patient", "status", "call", "p_all", "images", "cells", "blast-like", "reason"):
-        table.add_column(col, overflow="fold")
-    colour = {"ALL": "bold red", "normal": "green", "indeterminate": "yellow"}
-    for r in results[:SUMMARY_ROWS]:
-        p = "" if r.p_all != r.p_all else f"{r.p_all:.3f}"
-        table.add_row(escape(r.patient), r.status, f"[{colour.get(r.call, '')}]{r.call}[/]", p, str(r.n_images), str(r.n_cells),
-                      str(r.n_blast_like), escape(r.reason[:160]))
-    err.print(table)
+    from allmil_cli.summary import counts_line, summary_table
+
+    err.print(summary_table(results, err.width, SUMMARY_ROWS))
     if len(results) > SUMMARY_ROWS:
         err.print(f"... and {len(results) - SUMMARY_ROWS} more patients: see the report.")
-    counts = {k: sum(1 for r in results if r.ok and r.call == k) for k in ("ALL", "normal", "indeterminate")}
-    not_ok = sum(1 for r in results if not r.ok)
-    err.print(f"{len(results)} patient(s): [bold red]{counts['ALL']} ALL[/], [green]{counts['normal']} normal[/], "
-              f"[yellow]{counts['indeterminate']} indeterminate[/], {not_ok} failed/insufficient")
+    err.print(counts_line(results))
     if metrics:
         err.print(
             f"[bold]metrics[/] (n={metrics['n']}, threshold {metrics['threshold']:.3f}): accuracy {metrics['accuracy']:.4f}  "
@@ -200,7 +200,41 @@ def _print_summary(results, pipeline, metrics: Optional[dict[str, Any]]) -> None
         )
 
 
+def _review_collector(html: Optional[Path], crops_dir: Optional[Path]):
+    """The collector of cell thumbnails for --html / --crops-dir (None when neither is asked for)."""
+    if html is None and crops_dir is None:
+        return None
+    from allmil_cli.review_capture import ReviewCollector
+
+    if crops_dir is not None:
+        try:
+            crops_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _fail(f"--crops-dir {crops_dir}: cannot create it ({exc.strerror or exc}).", EXIT_USAGE)
+    return ReviewCollector(review=html is not None, crops_dir=crops_dir)
+
+
+def _write_review(review, html: Optional[Path], results, meta: dict[str, Any], quiet: bool, **page: Any) -> None:
+    """Finish the galleries (patients resumed or run elsewhere are read again) and write the --html page."""
+    from allmil_cli.review import write_page
+
+    for r in results:
+        review.finish(r)
+    if html is not None:
+        size = write_page(html, results, meta, galleries=review.galleries, **page)
+        if not quiet:
+            err.print(f"review page: {html} ({size / 1e6:.2f} MB)")
+
+
+def _workers(workers: Optional[int]) -> int:
+    """--workers for the local engine: worker processes, all cores by default."""
+    from allmil_cli.parallel import default_workers
+
+    return workers or default_workers()
+
+
 def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, what: str):
+    from allmil_cli.parallel import WorkerStartError
     from allmil_cli.pipeline import Pipeline
 
     patients = _patients(input_dir, per_image, quiet)
@@ -212,10 +246,71 @@ def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options
             for result in pipeline.run(patients):
                 results.append(result)
                 tick(result.patient)
+    except WorkerStartError as exc:
+        _fail(str(exc), EXIT_MODEL)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: no report written.")
         raise typer.Exit(EXIT_INTERRUPTED)
     return patients, models, pipeline, results
+
+
+def _journal_path(out, json_out, resume: bool) -> Optional[Path]:
+    from allmil_cli.journal import journal_path_for
+
+    path = journal_path_for(out, json_out)
+    if path is None and resume:
+        _fail("--resume needs a journal: write --out or --json to a file, or pass --journal FILE.", EXIT_USAGE)
+    return path
+
+
+def _run_cohort(input_dir, per_image, weights, quiet, options, cfg, journal_path, resume: bool, shard_text, review=None):
+    """diagnose's run: shard selection, the engine, the journal (see allmil_cli.cohort)."""
+    from allmil_cli.cohort import check_engine, run_cohort
+    from allmil_cli.engine import EngineError, fingerprint
+    from allmil_cli.journal import JournalError
+    from allmil_cli.parallel import WorkerStartError
+    from allmil_cli.pipeline import Pipeline
+    from allmil_cli.shard import ShardError, parse_shard, select, sort_key
+
+    try:
+        shard = parse_shard(shard_text) if shard_text else None
+        check_engine(cfg)
+    except (ShardError, EngineError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if cfg.engine == "local":
+        options = replace(options, workers=_workers(cfg.workers))  # local worker processes (the pipeline's own)
+    everyone = _patients(input_dir, per_image, quiet)
+    patients = select(everyone, shard)
+    if shard and not quiet:
+        err.print(f"shard {shard[0]}/{shard[1]}: {len(patients)} of {len(everyone)} patient(s)")
+    models = _models(weights, Device(cfg.device), cfg.threads, quiet)
+    pipeline = Pipeline(models, options, on_field=review.on_field if review else None)
+    if review:
+        review.expect(patients)
+    meta = _meta(models, replace(options, threshold=pipeline.threshold), "diagnose")
+    fp = fingerprint(models, options, pipeline.threshold, per_image, shard)
+    keys = {p.name: sort_key(p, input_dir, per_image) for p in patients}
+    try:
+        with _progress(len(patients), quiet, "diagnose") as tick:
+            run = run_cohort(patients, keys, pipeline, cfg, journal_path=journal_path, resume=resume, fp=fp, meta=meta,
+                             on_result=lambda r: (review and review.finish(r), tick(r.patient)), on_resumed=lambda n: [tick("") for _ in range(n)])
+    except JournalError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except EngineError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except WorkerStartError as exc:
+        _fail(str(exc), EXIT_MODEL)
+    except KeyboardInterrupt:
+        where = f"; the finished patients are in {journal_path}: rerun with --resume to go on" if journal_path else ""
+        err.print(f"[red]interrupted[/]: no report written{escape(where)}.")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if not quiet:
+        for note in run.notes:
+            err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+        if resume and run.journal is not None:
+            redo = f", {run.n_redone} cut-short journal line(s) dropped and redone" if run.n_redone else ""
+            err.print(f"resumed {run.n_resumed} of {len(patients)} patient(s) from {run.journal}{redo}")
+    return patients, models, pipeline, run.results
 
 
 # ---- diagnose -----------------------------------------------------------------------------------
@@ -232,11 +327,21 @@ def diagnose(
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="p_all above which the call is ALL \\[default: the model's].")] = None,
     band: Annotated[float, typer.Option("--indeterminate-band", min=0.0, max=0.5, help="Calls with |p_all - threshold| below this are 'indeterminate'.")] = 0.05,
     min_cells: Annotated[int, typer.Option("--min-cells", min=1, help="Patients with fewer white cells are 'insufficient'.")] = 1,
+    min_cells_normal: MinCellsNormal = 4,
+    html: HtmlOut = None,
+    crops_dir: CropsDir = None,
     detect_threshold: DetThreshold = None,
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
     decode_workers: DecodeWorkers = 1,
     quiet: Quiet = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip the patients already in the journal (after a crash or kill) and finish the run; refused when weights or options differ.")] = False,
+    journal: Annotated[Optional[Path], typer.Option("--journal", help="Journal file, one JSON line per finished patient \\[default: beside the report, report.journal.jsonl].")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Run only shard I of N (e.g. 3/16; patients split by a hash of their id), for array jobs; combine with 'allmil merge'.")] = None,
+    engine: Annotated[Engine, typer.Option("--engine", help="local: this process. ray: actors on a Ray cluster (pip install 'allmil\\[ray]').")] = Engine.local,
+    workers: Workers = None,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor (e.g. 1, or 0.25 to share a GPU); 0 = CPU actors.")] = 0.0,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join a running Ray cluster (e.g. 10.0.0.1:6379 or auto) \\[default: start a local one].")] = None,
 ) -> None:
     """Call each patient ALL / normal / indeterminate, with p_all and the blast-like cells behind it.
 
@@ -245,6 +350,10 @@ def diagnose(
         allmil diagnose ./patients --out report.csv --json report.json
 
         allmil diagnose ALL-IDB1/im --per-image --labels labels.csv --out report.csv
+
+        allmil diagnose ./patients --out report.csv --html review.html --crops-dir crops/
+
+        allmil diagnose ./archive --out shard3.csv --json shard3.json --shard 3/16 --resume --engine ray
     """
     from allmil_cli.pipeline import Options
     from allmil_cli.report import csv_text, metrics_for, report_json, write_report
@@ -253,19 +362,31 @@ def diagnose(
         _fail("--out - and --json - both ask for stdout; send one of them to a file.", EXIT_USAGE)
     _check_output(out, "--out")
     _check_output(json_out, "--json")
+    _check_output(html, "--html")
+    _check_output(journal, "--journal")
+    review = _review_collector(html, crops_dir)
     options = Options(cell_size=cell_size, threshold=threshold, indeterminate_band=band, min_cells=min_cells,
-                      detect_threshold=detect_threshold, max_pixels=max_pixels, decode_workers=decode_workers)
-    patients, models, pipeline, results = _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, "diagnose")
+                      min_cells_normal=min_cells_normal, detect_threshold=detect_threshold, max_pixels=max_pixels,
+                      decode_workers=decode_workers)
+    from allmil_cli.engine import EngineConfig
+
+    cfg = EngineConfig(engine=engine.value, workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
+                       device=device.value, threads=threads)
+    patients, models, pipeline, results = _run_cohort(input_dir, per_image, weights, quiet, options, cfg,
+                                                      journal or _journal_path(out, json_out, resume), resume, shard, review)
     truth = _labels(labels, [p.name for p in patients])
     metrics = metrics_for(results, truth, pipeline.threshold) if truth else None
     write_report(out, csv_text(results, truth))
+    meta = _meta(models, replace(options, threshold=pipeline.threshold), "diagnose")
     if json_out:
-        meta = _meta(models, replace(options, threshold=pipeline.threshold), "diagnose")
         write_report(json_out, report_json(results, meta, metrics))
+    if review is not None:
+        _write_review(review, html, results, {**meta, "input": str(input_dir)}, quiet, metrics=metrics, labels=truth)
     if not quiet:
         _print_summary(results, pipeline, metrics)
         if str(out) != "-":
-            err.print(f"report: {out}" + (f"  json: {json_out}" if json_out and json_out != "-" else ""))
+            err.print(f"report: {out}" + (f"  json: {json_out}" if json_out and json_out != "-" else "")
+                      + (f"  review: {html}" if html else ""))
     raise typer.Exit(EXIT_OK if all(r.ok for r in results) else EXIT_PARTIAL)
 
 
@@ -277,6 +398,7 @@ def stress_test(
     truth: Annotated[Optional[Path], typer.Option("--truth", help="Folder of <image-stem>.xyc blast centroids (ALL-IDB1 xyc/). Without it, cells are removed by the model's own blast score.")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV 'patient,label'. Without it, ALL-IDB names (_1 = ALL) are used when they fit.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV with one row per condition (recall and counts).")] = None,
+    html: HtmlOut = None,
     per_image: PerImage = False,
     weights: Weights = None,
     device: DeviceOpt = Device.auto,
@@ -284,6 +406,7 @@ def stress_test(
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
     decode_workers: DecodeWorkers = 1,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """The paper's stress test: recall on ALL patients after removing blast cells, or normal cells.
@@ -296,11 +419,13 @@ def stress_test(
         allmil stress-test ALL-IDB1/im --per-image --truth ALL-IDB1/xyc --out stress.csv
     """
     from allmil_cli.labels import labels_from_names
+    from allmil_cli.parallel import WorkerStartError
     from allmil_cli.pipeline import Options
     from allmil_cli.report import atomic_write
     from allmil_cli.stress import run_stress_test
 
     _check_output(out, "--out")
+    _check_output(html, "--html")
     if truth is not None and not truth.is_dir():
         _fail(f"--truth {truth}: not a folder of .xyc files.", EXIT_USAGE)
     conditions = [c.value for c in (remove or [Remove.none, Remove.blasts, Remove.normals])]
@@ -309,10 +434,21 @@ def stress_test(
     if not any(v == 1 for v in truth_labels.values()):
         _fail("no ALL patient among the labels: recall is undefined; pass --labels with at least one ALL patient.", EXIT_USAGE)
     models = _models(weights, device, threads, quiet)
-    options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth, decode_workers=decode_workers)
+    options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth, decode_workers=decode_workers,
+                      workers=_workers(workers))
+    review, by_condition = _review_collector(html, None), []
     try:
         with _progress(len(patients) * len(conditions), quiet, "stress-test") as tick:
-            rows = run_stress_test(models, patients, truth_labels, conditions, options, on_done=lambda r: tick(r.patient))
+            def done(r) -> None:
+                by_condition.append(r)
+                if review:
+                    review.finish(r)
+                tick(r.patient)
+
+            rows = run_stress_test(models, patients, truth_labels, conditions, options, on_done=done,
+                                   on_field=review.on_field if review else None)
+    except WorkerStartError as exc:
+        _fail(str(exc), EXIT_MODEL)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: no report written.")
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -329,6 +465,12 @@ def stress_test(
         w.writeheader()
         w.writerows(rows)
         atomic_write(out, buf.getvalue())
+    if review is not None:
+        first = by_condition[:: len(conditions)]  # results come patient by patient, conditions in order
+        calls = {r.patient: {c: (x.call if x.ok else x.status) for c, x in zip(conditions, by_condition[i * len(conditions):])}
+                 for i, r in enumerate(first)}
+        meta = {**_meta(models, options, "stress-test"), "input": str(input_dir)}
+        _write_review(review, html, first, meta, quiet, stress_rows=rows, stress_calls=calls)
     raise typer.Exit(EXIT_OK)
 
 
@@ -346,6 +488,7 @@ def detect(
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
     decode_workers: DecodeWorkers = 1,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """Find the white blood cells in every field: one CSV row per cell (patient, image, box, score).
@@ -354,6 +497,7 @@ def detect(
 
         allmil detect ./patients --out detections.csv --crops ./crops
     """
+    from allmil_cli.parallel import WorkerStartError
     from allmil_cli.pipeline import Options, Pipeline
     from allmil_cli.report import write_report
 
@@ -361,13 +505,13 @@ def detect(
     patients = _patients(input_dir, per_image, quiet)
     models = _models(weights, device, threads, quiet)
     pipeline = Pipeline(models, Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels,
-                                        decode_workers=decode_workers))
+                                        decode_workers=decode_workers, workers=_workers(workers)))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["patient", "image", "x0", "y0", "x1", "y1", "cx", "cy", "score"])
     problems = 0
-    pipeline.prefetch(patients)
     try:
+        pipeline.prefetch(patients, mode="detect+crops" if crops is not None else "detect")
         with _progress(len(patients), quiet, "detect") as tick:
             for patient in patients:
                 images, cells, crop_arrays = pipeline.detect_patient(patient, with_crops=crops is not None)
@@ -385,6 +529,8 @@ def detect(
                 if crops is not None and crop_arrays:
                     _save_crops(crops, patient.name, cells, crop_arrays)
                 tick(patient.name)
+    except WorkerStartError as exc:
+        _fail(str(exc), EXIT_MODEL)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: no report written.")
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -422,6 +568,7 @@ def embed(
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
     decode_workers: DecodeWorkers = 1,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """Per-cell 256-d feature vectors, boxes and blast scores for every detected cell, as one .npz.
@@ -439,7 +586,8 @@ def embed(
     from allmil_cli.report import atomic_write
 
     _check_output(out, "--out")
-    options = Options(cell_size=cell_size, max_pixels=max_pixels, keep_features=True, min_cells=1, decode_workers=decode_workers)
+    options = Options(cell_size=cell_size, max_pixels=max_pixels, keep_features=True, min_cells=1, decode_workers=decode_workers,
+                      workers=_workers(workers))
     _, _, _, results = _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, "embed")
     feats, boxes, centres, det, blast, pat, img = [], [], [], [], [], [], []
     for r in results:
@@ -467,6 +615,43 @@ def embed(
     if not quiet:
         err.print(f"{sum(len(f) for f in feats)} cells from {len(results)} patient(s) -> {out}")
     raise typer.Exit(EXIT_OK if all(r.status != "failed" for r in results) else EXIT_PARTIAL)
+
+
+# ---- merge ----------------------------------------------------------------------------------------
+@app.command(epilog=EPILOG_CODES)
+def merge(
+    reports: Annotated[list[Path], typer.Argument(help="Shard journals (*.journal.jsonl), or shard reports with their journal beside them.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged CSV report ('-' for stdout).")] = Path("merged.csv"),
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Merged JSON report ('-' for stdout).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Combine the reports of shard runs (--shard I/N) into one CSV/JSON, as one run would have written it.
+
+    Refuses a patient found in two shards, shards run with other models, allmil versions or options, and
+    unfinished shards. The journals written beside each report are the source (exact, per cell).
+
+    Example:
+
+        allmil merge shard*.json --out merged.csv --json merged.json
+    """
+    from allmil_cli.merge import MergeError, merge_journals
+    from allmil_cli.report import csv_text, report_json, write_report
+
+    if str(out) == "-" and json_out == "-":
+        _fail("--out - and --json - both ask for stdout; send one of them to a file.", EXIT_USAGE)
+    _check_output(out, "--out")
+    _check_output(json_out, "--json")
+    try:
+        merged = merge_journals(list(reports))
+    except MergeError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    write_report(out, csv_text(merged.results))
+    if json_out:
+        write_report(json_out, report_json(merged.results, merged.meta))
+    if not quiet:
+        err.print(f"merged {len(merged.results)} patient(s) from {len(merged.sources)} journal(s) -> {out}"
+                  + (f"  json: {json_out}" if json_out and json_out != "-" else ""))
+    raise typer.Exit(EXIT_OK if all(r.ok for r in merged.results) else EXIT_PARTIAL)
 
 
 # ---- train --------------------------------------------------------------------------------------
