@@ -7,10 +7,16 @@ a reference field, applied to each cell crop before the embedder:
 
 * optical density relative to the field's own background, per channel ``c``:
   ``od_c(x) = -ln((x + 1) / (bg_c + 1))`` (Beer-Lambert: this removes lamp colour and white balance);
-* a per-channel density gain so the red cells' density matches the reference red cells':
-  ``g_c = od_ref_rbc_c / od_rbc_c``, clamped to ``[1 / MAX_GAIN, MAX_GAIN]`` (a faint or saturated stain is
-  not amplified without bound; a clamped gain is also the stain QC flag);
-* back to intensities over the reference background: ``y_c = (bg_ref_c + 1) * exp(-g_c * od_c(x)) - 1``.
+* one density gain so the red cells' density matches the reference red cells':
+  ``g = |od_ref_rbc| / |od_rbc|`` (norms over the three channels), clamped to ``[1 / MAX_GAIN, MAX_GAIN]``
+  (a faint or saturated stain is not amplified without bound; a clamped gain raises the stain QC flag);
+* back to intensities over the reference background: ``y_c = (bg_ref_c + 1) * exp(-g * od_c(x)) - 1``.
+
+This undoes a colour cast of the lamp or camera and a gamma change exactly, and a lighter or heavier stain
+to first order. It keeps each stain's hue: a per-channel gain would also equalise the red cells' hue, but the
+red channel's red-cell density is small (~0.05) and noisy, and matching it distorts the nuclear stain
+(measured on ALL-IDB1: per-channel red gains spread over 2^-2..2^3 within one lab). Hue differences are
+left to the training augmentation (``allmil_cli/train/shifts.py``).
 
 The map is pointwise, so it is a 256-entry lookup table per channel: applying it costs one ``np.take``.
 The embedder's ONNX metadata says whether a model was trained with it (``allmil.stain_norm``) and carries
@@ -26,13 +32,15 @@ import numpy as np
 
 from allmil_cli.scale import FieldStats
 
-METHOD = "anchor-od-v1"
-#: Largest density gain (and smallest, as its inverse) the map applies to one channel.
-MAX_GAIN = 2.0
-#: Reference colours: medians over the training fields (ALL-IDB1 + BCCD train/val), measured by
+METHOD = "anchor-od-v2"
+#: Largest density gain (and smallest, as its inverse) the map applies; training fields span 2^-1.1 .. 2^1.0
+#: (1st-99th percentile of ALL-IDB1 and BCCD), so a clamped gain means a stain outside that range.
+MAX_GAIN = 2.0 ** 1.5
+#: Reference colours over the training fields (ALL-IDB1 + BCCD train/val): the median background, and red cells
+#: whose density has the median direction and the median norm of the fields' red-cell densities; measured by
 #: ``python -m allmil_cli.train.shifts reference``; they ship in the embedder metadata, these are the defaults.
-REFERENCE_BACKGROUND = (170.0, 166.5, 161.0)
-REFERENCE_RBC = (161.5, 143.0, 136.5)
+REFERENCE_BACKGROUND = (170.0, 166.0, 161.0)
+REFERENCE_RBC = (155.8, 133.0, 134.4)
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class StainMap:
     """The per-channel lookup table of one field, and the gains behind it (for QC)."""
 
     lut: np.ndarray  # (3, 256) uint8
-    gains: tuple[float, float, float]  # density gains before clamping
+    gain: float  # density gain before clamping
     clamped: bool
 
     def apply(self, crops: np.ndarray) -> np.ndarray:
@@ -59,20 +67,16 @@ def _od(x: np.ndarray | float, bg: float) -> np.ndarray:
 def stain_map(stats: FieldStats, reference_background=REFERENCE_BACKGROUND, reference_rbc=REFERENCE_RBC) -> StainMap:
     """The lookup table that maps this field's background and red cells onto the reference ones."""
     x = np.arange(256, dtype=np.float64)
+    od_rbc = np.array([_od(stats.rbc_rgb[c], float(stats.background_rgb[c])) for c in range(3)])
+    od_ref = np.array([_od(reference_rbc[c], float(reference_background[c])) for c in range(3)])
+    norm = float(np.linalg.norm(od_rbc))
+    gain = float(np.linalg.norm(od_ref)) / norm if norm > 1e-3 else math.inf
+    g = min(max(gain, 1.0 / MAX_GAIN), MAX_GAIN)
     lut = np.empty((3, 256), np.uint8)
-    gains = []
-    clamped = False
     for c in range(3):
-        bg = float(stats.background_rgb[c])
-        od_rbc = float(_od(stats.rbc_rgb[c], bg))
-        od_ref = float(_od(reference_rbc[c], float(reference_background[c])))
-        gain = od_ref / od_rbc if od_rbc > 1e-3 else math.inf
-        gains.append(gain)
-        g = min(max(gain, 1.0 / MAX_GAIN), MAX_GAIN)
-        clamped |= g != gain
-        y = (float(reference_background[c]) + 1.0) * np.exp(-g * _od(x, bg)) - 1.0
+        y = (float(reference_background[c]) + 1.0) * np.exp(-g * _od(x, float(stats.background_rgb[c]))) - 1.0
         lut[c] = np.clip(np.rint(y), 0, 255).astype(np.uint8)
-    return StainMap(lut=lut, gains=(gains[0], gains[1], gains[2]), clamped=clamped)
+    return StainMap(lut=lut, gain=gain, clamped=g != gain)
 
 
 def reference_from_meta(meta: dict[str, str]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

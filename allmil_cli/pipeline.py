@@ -4,9 +4,8 @@ Patients are streamed: a patient's crops and features are dropped once its resul
 memory stays flat however many patients a run holds. Each field is decoded once; the networks run
 once per field (detector) and in batches (embedder, aggregator).
 
-Execution (:mod:`allmil_cli.parallel`): with ``Options.workers`` > 1, worker processes analyse whole files
-(:meth:`Pipeline.analyse_file`, the same code as the serial path) and this process gathers their
-:class:`FileOutcome` in order, embeds crops when the embedder runs on a GPU here, and makes the calls.
+How the work is scheduled (look-ahead threads, worker processes with ``Options.workers`` > 1, the GPU front
+end) lives in :mod:`allmil_cli.execution`, the base class of :class:`Pipeline`; every path gives the same results.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,9 +22,11 @@ from allmil_cli.aggregate import Aggregator
 from allmil_cli.crops import crop_cells
 from allmil_cli.detect import cell_box, detect_cells
 from allmil_cli.embed import Embedder
-from allmil_cli.images import MAX_PIXELS, Field, ImageError, Patient, load_fields
+from allmil_cli.execution import Execution
+from allmil_cli.images import MAX_PIXELS, Field, Patient
 from allmil_cli.labels import read_points
 from allmil_cli.models import Models
+from allmil_cli.qc import describe, patient_qc
 from allmil_cli.parallel import LOOKAHEAD_PER_WORKER, FieldOutcome, FileOutcome, ProcessPool, StageTimer, ThreadLookahead
 from allmil_cli.scale import FieldStats, measure_field
 
@@ -102,6 +104,8 @@ class PatientResult:
     features: np.ndarray | None = None  # (n_cells, 256) when Options.keep_features
     cell_threshold: float | None = None  # blast score at or above which a cell counts as blast-like
     skipped: list[dict[str, str]] = field(default_factory=list)  # files not analysed: {"file", "reason"}
+    qc: list[str] = field(default_factory=list)  # quality flags (allmil_cli.qc); empty when clean
+    qc_details: dict = field(default_factory=dict)  # the numbers behind each flag
 
     @property
     def ok(self) -> bool:
@@ -119,7 +123,7 @@ class Evidence:
     notes: list[str] = field(default_factory=list)
 
 
-class Pipeline:
+class Pipeline(Execution):
     """Holds the models of one run; call :meth:`diagnose_patient` per patient."""
 
     def __init__(self, models: Models, options: Options | None = None, timer: StageTimer | None = None,
@@ -138,6 +142,9 @@ class Pipeline:
         self._pool: ProcessPool | None = None
         #: Embed in this process, batched across fields, when the embedder runs on a GPU; else where the crops are cut.
         self.embed_here = models.provider != "CPUExecutionProvider"
+        self._gpu: Any = None  # allmil_cli.gpu.GpuFront: nvJPEG decode and crops on the GPU
+        if models.provider == "CUDAExecutionProvider" and getattr(models, "gpu_decode", False):
+            self.use_gpu("cuda")
 
     # -- one field -----------------------------------------------------------------------------
     def measure(self, rgb: np.ndarray) -> FieldStats:
@@ -162,6 +169,10 @@ class Pipeline:
         return cells, stats
 
     @staticmethod
+    def _failed_image(label: str, reason: str) -> ImageResult:
+        return ImageResult(image=label, status="failed", reason=reason)
+
+    @staticmethod
     def _info(fld: Field, stats: FieldStats, n_cells: int) -> ImageResult:
         h, w = fld.rgb.shape[:2]
         return ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(stats.rbc_px, 1), n_cells=n_cells,
@@ -183,106 +194,6 @@ class Pipeline:
         return self._info(fld, stats, len(cells)), cells, feats, stats
 
     # -- one patient -------------------------------------------------------------------------------
-    def _read(self, path: Path) -> tuple[list[tuple[Field, FieldStats]], list[str]]:
-        """Decode one file and measure each field (ruler, colours; runs in the look-ahead thread)."""
-        try:
-            fields, notes = load_fields(path, max_pixels=self.options.max_pixels)
-        except ImageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an unexpected decoder failure is this file's problem only
-            raise ImageError(f"{path}: unexpected error while reading ({exc}); re-export the image.") from exc
-        return [(f, self.measure(f.rgb)) for f in fields], notes
-
-    def _fetch(self, path: Path) -> tuple[list[tuple[Field, FieldStats]], list[str]]:
-        return self._ahead.fetch(path)
-
-    def iter_fields(self, patient: Patient, images: list[ImageResult], notes: list[str]) -> Iterator[tuple[Field, FieldStats]]:
-        """Each decoded field of the patient with its measure; unusable files become ``failed`` entries."""
-        for path in patient.images:
-            t = time.perf_counter()
-            try:
-                fields, page_notes = self._fetch(path)
-            except ImageError as exc:
-                self.timer.add("decode", t)
-                images.append(ImageResult(image=path.name, status="failed", reason=str(exc)))
-                continue
-            self.timer.add("decode", t)
-            notes.extend(page_notes)
-            yield from fields
-
-    def analyse_file(self, path: Path, mode: str = "analyse", keep_field: bool = False) -> FileOutcome:
-        """Decode one file and analyse each of its fields (``mode``: see ``MODES``); what a worker process runs.
-
-        Files are decoded once, a few files ahead in background threads (``Options.decode_workers``); the
-        time spent waiting for a file is counted as ``decode``. A bad file or field is an outcome, never an error.
-        """
-        t = time.perf_counter()
-        try:
-            fields, notes = self._fetch(path)
-        except ImageError as exc:
-            self.timer.add("decode", t)
-            return FileOutcome(path=path, error=str(exc))
-        self.timer.add("decode", t)
-        return FileOutcome(path=path, fields=[self._field_outcome(f, s, mode, keep_field) for f, s in fields], notes=notes)
-
-    def _field_outcome(self, fld: Field, stats: FieldStats, mode: str, keep_field: bool) -> FieldOutcome:
-        crops = feats = None
-        try:
-            if mode == "analyse":
-                info, cells, feats, stats = self.analyse_field(fld, stats)
-            else:
-                cells, stats = self.locate_cells(fld, stats)
-                t = time.perf_counter()
-                if mode == "crops":
-                    crops = self._crops(fld, cells, stats)
-                elif mode == "detect+crops":
-                    crops = crop_cells(fld.rgb, np.asarray([(c.x, c.y) for c in cells]).reshape(-1, 2), stats.rbc_px)
-                self.timer.add("crop", t)
-                info = self._info(fld, stats, len(cells))
-        except Exception as exc:  # noqa: BLE001 - one field's failure is reported, not fatal
-            what = "detection" if mode.startswith("detect") else "analysis"
-            return FieldOutcome(ImageResult(image=fld.label, status="failed", reason=f"{fld.path}: {what} failed ({exc})."))
-        return FieldOutcome(info, cells, feats, crops, fld if keep_field else None)
-
-    def _failed_file(self, path: Path, reason: str) -> FileOutcome:
-        return FileOutcome(path=path, error=f"{path}: {reason}")
-
-    def outcomes(self, patient: Patient, mode: str = "analyse") -> Iterator[FileOutcome]:
-        """The patient's files analysed in order: by the worker processes when ``Options.workers`` > 1."""
-        keep = self.on_field is not None
-        pool = self._workers_for(patient.images)
-        if pool is not None and patient.images and not pool.scheduled(patient.images[0], mode, keep):
-            pool.schedule(list(patient.images), mode, keep)  # not announced by prefetch: its fields still run in parallel
-        for path in patient.images:
-            outcome = None
-            if pool is not None:
-                t = time.perf_counter()
-                outcome = pool.fetch(path, mode, keep)
-                self.timer.add("wait", t)
-            yield outcome if outcome is not None else self.analyse_file(path, mode, keep)
-
-    def _workers_for(self, paths: list[Path]) -> ProcessPool | None:
-        """The worker pool (started on first use) when ``Options.workers`` > 1 and there is more than one file."""
-        if self._pool is None and int(self.options.workers) > 1 and len(paths) > 1:
-            m = self.models
-            self._pool = ProcessPool(m.weights_dir, m.sha256, self.options, int(self.options.workers), self._failed_file,
-                                     on_stage=lambda stage, s: self.timer.add_seconds(stage, s))
-            self._pool.start()
-        return self._pool
-
-    def _embed_pending(self, feats: list[np.ndarray | None], todo: list[tuple[int, np.ndarray]]) -> None:
-        """Embed the crops of several fields in one batch run (this process; a GPU when ``embed_here``)."""
-        if not todo:
-            return
-        t = time.perf_counter()
-        out = self.embedder.embed(np.concatenate([c for _, c in todo]), batch_size=self.options.batch_size)
-        start = 0
-        for i, crops in todo:
-            feats[i] = out[start : start + len(crops)]
-            start += len(crops)
-        todo.clear()
-        self.timer.add("embed", t)
-
     def detect_patient(self, patient: Patient, with_crops: bool = False) -> tuple[list[ImageResult], list[Cell], list[np.ndarray]]:
         """Detection only (``allmil detect``): cells per field, and their crops when asked."""
         images: list[ImageResult] = []
@@ -343,6 +254,23 @@ class Pipeline:
         return d.min(axis=1) <= 0.8 * rbc_px
 
     def decide(self, patient: Patient, ev: Evidence, remove: str | None = None) -> PatientResult:
+        """Per-cell blast scores, optional removal (stress test), the patient call, and its quality flags.
+
+        A patient with a QC flag (``allmil_cli.qc``) is never silently called ``normal``: the call becomes
+        ``indeterminate`` with the flags in the reason. ``ALL`` calls stand (ruling in needs less evidence)."""
+        result = self._call(patient, ev, remove)
+        if result.status == "failed":
+            return result
+        fields = [(i.image, i.stats) for i in result.images if i.status == "ok" and i.stats is not None]
+        qc = patient_qc(fields, result.n_cells, self.options.min_cells_normal, self.embedder.stain_reference)
+        result.qc, result.qc_details = qc.flags, qc.details
+        if result.call == "normal" and qc.flags:
+            result.call = "indeterminate"
+            result.reason = " ".join(x for x in (f"Would be called normal (p_all {result.p_all:.4f}), but {describe(qc)} "
+                                                 "Review the fields before ruling out ALL.", result.reason) if x)
+        return result
+
+    def _call(self, patient: Patient, ev: Evidence, remove: str | None = None) -> PatientResult:
         """Per-cell blast scores, optional removal (stress test), and the patient call."""
         opts = self.options
         remove = opts.remove if remove is None else remove
@@ -420,24 +348,3 @@ class Pipeline:
                 yield result
         finally:
             self.close()
-
-    def prefetch(self, patients: Iterable[Patient], mode: str = "analyse") -> None:
-        """Announce the order in which patients will be processed, so their files are read (or analysed) ahead.
-
-        ``mode``: what will be asked of them (``detect_patient`` asks "detect" / "detect+crops").
-        """
-        paths = [path for p in patients for path in p.images]
-        pool = self._workers_for(paths)
-        if pool is not None:
-            if mode == "analyse" and self.embed_here:
-                mode = "crops"
-            pool.schedule(paths, mode, self.on_field is not None)
-        else:
-            self._ahead.schedule(paths)
-
-    def close(self) -> None:
-        """Stop the look-ahead threads and the worker processes (pending work is dropped)."""
-        self._ahead.close()
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None

@@ -22,7 +22,7 @@ from typing import Any
 from allmil_cli.metrics import binary_metrics
 from allmil_cli.pipeline import PatientResult
 
-CSV_COLUMNS = ["patient", "status", "call", "p_all", "n_images", "n_cells", "n_blast_like", "blast_fraction", "reason"]
+CSV_COLUMNS = ["patient", "status", "call", "p_all", "n_images", "n_cells", "n_blast_like", "blast_fraction", "qc", "reason"]
 
 
 def current_umask() -> int:
@@ -67,7 +67,8 @@ def csv_text(results: Sequence[PatientResult], labels: dict[str, int] | None = N
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for r in results:
-        row = [r.patient, r.status, r.call, _num(r.p_all), r.n_images, r.n_cells, r.n_blast_like, _num(r.blast_fraction), r.reason]
+        row = [r.patient, r.status, r.call, _num(r.p_all), r.n_images, r.n_cells, r.n_blast_like, _num(r.blast_fraction),
+               ";".join(r.qc), r.reason]
         if labels:
             lab = labels.get(r.patient)
             row.append("" if lab is None else ("ALL" if lab else "normal"))
@@ -98,6 +99,7 @@ def patient_json(r: PatientResult) -> dict[str, Any]:
         for c in r.cells
     ]
     d["notes"] = list(r.notes)
+    d["qc_details"] = dict(r.qc_details)
     d["qc"] = list(getattr(r, "qc", None) or [])
     d["skipped"] = [dict(s) for s in getattr(r, "skipped", None) or []]
     return _clean(d)

@@ -19,6 +19,7 @@ import numpy as np
 
 from allmil_cli.train.backbones import DEFAULT_AUG as SHIP_AUG
 from allmil_cli.train.backbones import DEFAULT_BACKBONE
+from allmil_cli.train.augment import RECIPES, SHIPPED_RECIPE
 from allmil_cli.train.inventory import CACHE
 from allmil_cli.train.ablations import run_backbone, run_cells, run_counts, run_length, run_stage1
 from allmil_cli.train.protocol2 import ARGS, Protocol2, _sel
@@ -159,9 +160,10 @@ def main() -> None:
     ap.add_argument("--cells", choices=["auto", "detector", "gt"], default="auto",
                     help="test cells: fold detectors (auto when present) or ground-truth centroids")
     ap.add_argument("--backbone", default=None, help=f"backbone spec (default {DEFAULT_BACKBONE})")
-    ap.add_argument("--augment", type=int, default=None, help=f"augmented views per cell (default {SHIP_AUG})")
+    ap.add_argument("--augment", type=int, default=None, help=f"augmented views per cell (default {SHIP_AUG}; recipes other than v1 set their own)")
+    ap.add_argument("--recipe", default=SHIPPED_RECIPE, choices=sorted(RECIPES), help="training recipe (augment.RECIPES)")
     a = ap.parse_args()
-    ARGS.update(backbone=a.backbone, augment=a.augment)
+    ARGS.update(backbone=a.backbone, augment=a.augment, recipe=a.recipe)
     import torch
 
     torch.set_num_threads(1)

@@ -12,7 +12,8 @@ from allmil_cli.train.mil import BAG_SIZE, EMB_DIM
 
 
 def export_onnx(backbone_name: str, head, agg, out_dir: Path, threshold: float, cell_threshold: float, combine: str,
-                weights_file: str | None = None, extra_meta: dict | None = None) -> tuple[Path, Path]:
+                weights_file: str | None = None, extra_meta: dict | None = None,
+                embedder_meta: dict | None = None) -> tuple[Path, Path]:
     import onnx
     import torch
     from torch import nn
@@ -61,7 +62,7 @@ def export_onnx(backbone_name: str, head, agg, out_dir: Path, threshold: float, 
 
     bname, pooling = split_spec(backbone_name)
     meta(emb_path, {"allmil.kind": "embedder", "allmil.backbone": bname, "allmil.pooling": pooling, "allmil.input_size": 224,
-                    "allmil.version": 1})
+                    "allmil.version": 1, **(embedder_meta or {})})
     am = {"allmil.kind": "aggregator", "allmil.bag_size": BAG_SIZE, "allmil.threshold": f"{threshold:.4f}",
           "allmil.cell_threshold": f"{cell_threshold:.4f}", "allmil.combine": combine, "allmil.version": 1}
     am.update(extra_meta or {})

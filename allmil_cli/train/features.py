@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from allmil_cli.crops import CROP_SIZE
-from allmil_cli.train.augment import cell_views
+from allmil_cli.train.augment import Recipe, cell_views, recipe_views
 from allmil_cli.train.data import load_rgb
 from allmil_cli.train.inventory import CACHE, Cell
 
@@ -35,8 +35,15 @@ def blank_crop() -> np.ndarray:
     return np.zeros((1, CROP_SIZE, CROP_SIZE, 3), np.uint8)
 
 
-def feature_cache(backbone_name: str, n_aug: int, cells: list[Cell], weights_file: str | None = None, tag: str = "", verbose: bool = True):
-    """Backbone features of every cell view: dict(keys, feats float16 (N, 1+A, D), blank float32 (D,))."""
+def feature_cache(backbone_name: str, n_aug: int, cells: list[Cell], weights_file: str | None = None, tag: str = "", verbose: bool = True,
+                  recipe: Recipe | None = None):
+    """Backbone features of every cell view: dict(keys, feats float16 (N, 1+A, D), blank float32 (D,)).
+
+    ``recipe`` (``augment.RECIPES``) sets the views (and ``n_aug``); None or ``v1`` = the first release's views."""
+    if recipe is not None:
+        n_aug = recipe.n_aug
+        # one cache per way of making views (recipes that differ only in their cells share it)
+        tag = tag + ("" if recipe.name == "v1" else f"_norm{int(recipe.stain_norm)}_dom{int(recipe.domain_aug)}")
     f = CACHE / f"feats_{backbone_name.replace(':', '-')}_a{n_aug}{tag}.npz"
     keys = [c.key for c in cells]
     have: dict[str, np.ndarray] = {}
@@ -63,11 +70,12 @@ def feature_cache(backbone_name: str, n_aug: int, cells: list[Cell], weights_fil
     for path, idx in order.items():
         rgb = load_rgb(Path(path))
         rng = np.random.default_rng(zlib.crc32(path.encode()))
-        views = cell_views(rgb, [cells[i] for i in idx], n_aug, rng)
+        group = [cells[i] for i in idx]
+        views = recipe_views(rgb, group, recipe, rng) if recipe is not None else cell_views(rgb, group, n_aug, rng)
         fv = backbone_features(bb, views.reshape(-1, CROP_SIZE, CROP_SIZE, 3))
         feats[idx] = fv.reshape(len(idx), 1 + n_aug, -1).astype(np.float16)
         done += len(idx)
-        if verbose:
+        if verbose and (done == len(idx) or done // 200 != (done - len(idx)) // 200):
             print(f"  features {backbone_name}: {done}/{sum(map(len, order.values()))} new cells, {time.time() - t0:.0f}s", flush=True)
     blank = backbone_features(bb, blank_crop())[0].astype(np.float32)
     CACHE.mkdir(parents=True, exist_ok=True)

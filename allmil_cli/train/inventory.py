@@ -20,6 +20,7 @@ test image, including ALL-IDB2 crops cut from it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,3 +116,38 @@ def tiny_inventory(n_fields: int = 2, per_field: int = 3) -> list[Cell]:
             for i, (x, y) in enumerate(np.asarray(pts).reshape(-1, 2)[:per_field]):
                 cells.append(Cell(f"idb1/{rec.name}/{lab}/{i}", "idb1", str(rec.path), float(x), float(y), rbc, lab, rec.name))
     return cells
+
+
+PBC_TYPES = ("lymphocyte", "monocyte", "neutrophil", "eosinophil", "basophil", "ig", "erythroblast")
+
+
+def pbc_cells(root: Path | None = None, per_type: dict[str, int] | None = None, seed: int = 0) -> list[Cell]:
+    """PBC normal white cells (one centred cell per 360x363 image; CC BY 4.0, Acevedo et al. 2020), label 0.
+
+    ``per_type`` caps the images taken per cell type (a seeded random subset, by image: PBC has no donor ids);
+    None takes them all. The red-cell ruler runs on each image (its red cells are ~65-75 px across)."""
+    from allmil_cli.train.data import DEFAULT_DATA_ROOT
+
+    root = Path(root) if root else DEFAULT_DATA_ROOT / "PBC"
+    tag = hashlib.md5(json.dumps(per_type, sort_keys=True).encode()).hexdigest()[:8] if per_type else "all"
+    f = CACHE / f"pbc_{seed}_{tag}.json"
+    if f.exists():
+        return [Cell(**r) for r in json.loads(f.read_text())]
+    rng = np.random.default_rng(seed)
+    cells: list[Cell] = []
+    for kind in PBC_TYPES:
+        files = sorted((root / kind).glob("*.jpg"))
+        if per_type and kind in per_type and per_type[kind] < len(files):
+            files = [files[i] for i in sorted(rng.choice(len(files), per_type[kind], replace=False))]
+        for p in files:
+            rgb = load_rgb(p)
+            h, w = rgb.shape[:2]
+            cells.append(Cell(f"pbc/{kind}/{p.stem}", "pbc", str(p), w / 2.0, h / 2.0, estimate_rbc_diameter(rgb), 0, ""))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps([asdict(c) for c in cells]))
+    return cells
+
+
+#: PBC cells that join the training cells of recipes with ``pbc=True`` (lymphocytes, the look-alikes of
+#: blasts, weigh most); the rest of PBC is never trained on by any model.
+PBC_TRAIN = {"lymphocyte": 600, "monocyte": 80, "neutrophil": 60, "eosinophil": 40, "basophil": 40, "ig": 60, "erythroblast": 40}

@@ -22,12 +22,14 @@ import numpy as np
 
 from allmil_cli.aggregate import bag_probability
 from allmil_cli.crops import crop_cells
-from allmil_cli.scale import estimate_rbc_diameter
+from allmil_cli.normalize import stain_map
+from allmil_cli.scale import measure_field
 from allmil_cli.train.backbones import DEFAULT_AUG as SHIP_AUG
 from allmil_cli.train.backbones import DEFAULT_BACKBONE
 from allmil_cli.train.data import image_folds, load_rgb, read_all_idb1
 from allmil_cli.train.features import feature_cache
-from allmil_cli.train.inventory import CACHE, REPO, Cell, inventory
+from allmil_cli.train.augment import RECIPES
+from allmil_cli.train.inventory import CACHE, PBC_TRAIN, REPO, Cell, inventory, pbc_cells
 from allmil_cli.train.mil import TorchModel, TrainConfig, train
 
 MODELS = CACHE / "models"
@@ -97,14 +99,15 @@ def fold_model(cells: list[Cell], fc: dict, train_mask: np.ndarray, cfg: TrainCo
     return TorchModel(head, agg, fc["blank"])
 
 
-def det_features(backbone: str, fold: int, names: list[str], det_path: Path, recs_by_name: dict) -> dict:
-    """Detections of the fold's detector on its test images + backbone features of their crops (cached)."""
+def det_features(backbone: str, fold: int, names: list[str], det_path: Path, recs_by_name: dict, stain_norm: bool = False) -> dict:
+    """Detections of the fold's detector on its test images + backbone features of their crops (cached);
+    ``stain_norm``: crops mapped to the reference stain first, as ``Pipeline`` does for such an embedder."""
     import onnxruntime as ort
 
     from allmil_cli.detect import detect_cells
 
     st = det_path.stat()
-    f = CACHE / f"det_{backbone.replace(':', '-')}_fold{fold}_{int(st.st_mtime)}_{st.st_size}.npz"
+    f = CACHE / f"det_{backbone.replace(':', '-')}{'_norm' if stain_norm else ''}_fold{fold}_{int(st.st_mtime)}_{st.st_size}.npz"
     if f.exists():
         z = np.load(f, allow_pickle=True)
         return z["data"].item()
@@ -118,10 +121,14 @@ def det_features(backbone: str, fold: int, names: list[str], det_path: Path, rec
     out = {}
     for n in names:
         rgb = load_rgb(recs_by_name[n].path)
-        rbc = estimate_rbc_diameter(rgb)
+        stats = measure_field(rgb)
+        rbc = stats.rbc_px
         dets = detect_cells(sess, rgb, rbc)
         xy = np.array([[d.x, d.y] for d in dets], np.float32).reshape(-1, 2)
-        feats = backbone_features(bb, crop_cells(rgb, xy, rbc)) if len(xy) else np.zeros((0, bb.dim), np.float32)
+        crops = crop_cells(rgb, xy, rbc)
+        if stain_norm and stats.measured and len(crops):
+            crops = stain_map(stats).apply(crops)
+        feats = backbone_features(bb, crops) if len(xy) else np.zeros((0, bb.dim), np.float32)
         out[n] = {"xy": xy, "rbc": rbc, "feats": feats.astype(np.float32)}
     np.savez(f, data=np.array(out, dtype=object))
     return out
@@ -131,14 +138,19 @@ class Protocol2:
     """Trains the 5 fold models once (cached) and hands out test cells per image."""
 
     def __init__(self, backbone: str | None = None, n_aug: int | None = None, cfg: TrainConfig | None = None,
-                 cells_source: str = "auto", protocol: int = 2, view_subset: int | None = None, verbose: bool = True):
+                 cells_source: str = "auto", protocol: int = 2, view_subset: int | None = None, verbose: bool = True,
+                 recipe: str | None = None):
         backbone = backbone or ARGS.get("backbone") or DEFAULT_BACKBONE
-        n_aug = n_aug if n_aug is not None else (ARGS.get("augment") if ARGS.get("augment") is not None else SHIP_AUG)
+        self.recipe = RECIPES[recipe or ARGS.get("recipe") or "v1"]
+        if n_aug is None:
+            n_aug = ARGS.get("augment") if ARGS.get("augment") is not None else SHIP_AUG
+        if self.recipe.name != "v1":
+            n_aug = self.recipe.n_aug
         self.recs, self.folds = fields()
         self.by_name = {r.name: r for r in self.recs}
         self.fold_of = {r.name: f for r, f in zip(self.recs, self.folds)}
-        self.cells = inventory()
-        self.fc = feature_cache(backbone, n_aug, self.cells)
+        self.cells = inventory() + (pbc_cells(per_type=PBC_TRAIN) if self.recipe.pbc else [])
+        self.fc = feature_cache(backbone, n_aug, self.cells, recipe=self.recipe if self.recipe.name != "v1" else None)
         if view_subset is not None:
             self.fc = dict(self.fc, feats=self.fc["feats"][:, : view_subset + 1])
         self.backbone, self.n_aug, self.cfg = backbone, n_aug, cfg or TrainConfig()
@@ -158,7 +170,8 @@ class Protocol2:
         self._det: dict[int, dict] = {}
 
     def key(self, fold: int) -> dict:
-        return {"backbone": self.backbone, "aug": self.n_aug, "views": self.view_subset, "fold": fold, "protocol": self.protocol}
+        key = {"backbone": self.backbone, "aug": self.n_aug, "views": self.view_subset, "fold": fold, "protocol": self.protocol}
+        return key if self.recipe.name == "v1" else {**key, "recipe": self.recipe.name}
 
     def model(self, fold: int) -> TorchModel:
         if fold not in self.models:
@@ -183,7 +196,7 @@ class Protocol2:
         k = self.fold_of[name]
         if k not in self._det:
             names = [n for n, f in self.fold_of.items() if f == k]
-            self._det[k] = det_features(self.backbone, k, names, self.det_paths[k], self.by_name)
+            self._det[k] = det_features(self.backbone, k, names, self.det_paths[k], self.by_name, self.recipe.stain_norm)
         d = self._det[k][name]
         xy, rbc, f = d["xy"], d["rbc"], d["feats"]
         blast = np.zeros(len(xy), bool)
@@ -235,7 +248,7 @@ class Protocol2:
     def describe(self) -> str:
         src = ("cells from the fold's detector (`.cache/folds/detector_fold{k}.onnx`)" if self.source == "detector"
                else "ground-truth-centred cells (blast centroids + filtered normal WBCs; fold detectors not used)")
-        return f"backbone `{self.backbone}`, {self.n_aug if self.view_subset is None else self.view_subset} augmented views/cell, {src}"
+        return f"recipe `{self.recipe.name}`, backbone `{self.backbone}`, {self.n_aug if self.view_subset is None else self.view_subset} augmented views/cell, {src}"
 
 
 def _sel() -> dict:

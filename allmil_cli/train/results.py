@@ -46,4 +46,5 @@ def _cmd(a) -> str:
     extra = f" --cells {a.cells}" if a.cells != "auto" else ""
     extra += f" --backbone {a.backbone}" if getattr(a, "backbone", None) else ""
     extra += f" --augment {a.augment}" if getattr(a, "augment", None) is not None else ""
+    extra += f" --recipe {a.recipe}" if getattr(a, "recipe", None) else ""
     return f"python -m allmil_cli.train.evaluate {a.what}{extra}"

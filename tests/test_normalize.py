@@ -1,0 +1,48 @@
+"""Stain normalisation anchored on background and red cells (allmil_cli.normalize), on real fields."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from allmil_cli.normalize import REFERENCE_BACKGROUND, REFERENCE_RBC, meta_for, reference_from_meta, stain_map
+from allmil_cli.scale import FieldStats, measure_field
+from allmil_cli.train.shifts import cast, gamma
+
+from tests.conftest import EXAMPLES
+
+
+def _field() -> np.ndarray:
+    return np.asarray(Image.open(sorted(EXAMPLES.glob("*/*.jpg"))[0]).convert("RGB"))
+
+
+def test_reference_field_maps_to_itself():
+    stats = FieldStats(80.0, background_rgb=REFERENCE_BACKGROUND, rbc_rgb=REFERENCE_RBC)
+    smap = stain_map(stats)
+    assert abs(smap.gain - 1.0) < 1e-9 and not smap.clamped
+    assert np.abs(smap.lut.astype(int) - np.arange(256)[None, :]).max() <= 1
+
+
+def test_lamp_cast_and_gamma_are_undone():
+    """A camera colour cast and a gamma change are removed up to rounding: the normalised shifted field matches
+    the normalised original far better than the raw shifted field matches the raw original."""
+    rgb = _field()
+    shifted = gamma(cast(rgb, (1.08, 0.9, 1.05)), 1.35)
+    a = stain_map(measure_field(rgb)).apply(rgb).astype(float)
+    b = stain_map(measure_field(shifted)).apply(shifted).astype(float)
+    raw_err = np.abs(shifted.astype(float) - rgb.astype(float)).mean()
+    norm_err = np.abs(a - b).mean()
+    assert norm_err < 0.35 * raw_err, (norm_err, raw_err)
+
+
+def test_anchor_colours_are_background_and_red_cells():
+    s = measure_field(_field())
+    bg, rbc = np.asarray(s.background_rgb), np.asarray(s.rbc_rgb)
+    assert s.measured and bg.mean() > rbc.mean()  # plasma is brighter than red cells
+    assert rbc[0] > rbc[1] and rbc[0] > rbc[2]  # red cells are red
+
+
+def test_metadata_switch():
+    assert reference_from_meta({}) is None  # models trained on raw crops see raw crops
+    bg, rbc = reference_from_meta(meta_for())
+    assert np.allclose(bg, REFERENCE_BACKGROUND, atol=0.05) and np.allclose(rbc, REFERENCE_RBC, atol=0.05)

@@ -1,0 +1,78 @@
+"""Quality flags (allmil_cli.qc) on real fields: clean, blurred, shrunk, off-stain; and a flagged patient's call."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from allmil_cli.cli import app
+from allmil_cli.qc import field_flags, patient_qc
+from allmil_cli.scale import measure_field
+from allmil_cli.train.shifts import blur, gamma, rescale
+
+from tests.conftest import EXAMPLES, shipped_weights_or_skip
+
+
+def _fields() -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(EXAMPLES.glob("*/*.jpg"))[:4]]
+
+
+def test_clean_example_fields_raise_no_flag():
+    for rgb in _fields():
+        flags, info = field_flags(measure_field(rgb))
+        assert flags == [], info
+
+
+def test_blurred_field_is_flagged():
+    for rgb in _fields():
+        s = measure_field(rgb)
+        flags, info = field_flags(measure_field(blur(rgb, 0.08 * s.rbc_px)))
+        assert "blur" in flags, info
+
+
+def test_tiny_magnification_is_flagged():
+    rgb = _fields()[0]
+    small = rescale(rgb, 8.0 / measure_field(rgb).rbc_px)  # red cells ~8 px: below the tested 12 px
+    assert "magnification" in field_flags(measure_field(small))[0]
+
+
+def test_far_stain_is_flagged():
+    rgb = _fields()[0]
+    faint = gamma(rgb, 0.15)  # a washed-out stain: densities ~7x lighter than any training field
+    flags, info = field_flags(measure_field(faint))
+    assert "stain" in flags, info
+
+
+def test_patient_qc_collects_field_flags_and_few_cells():
+    rgb = _fields()[0]
+    s = measure_field(rgb)
+    qc = patient_qc([("a.jpg", s), ("b.jpg", measure_field(blur(rgb, 0.08 * s.rbc_px)))], n_cells=2, min_cells_normal=4)
+    assert qc.flags == ["blur", "few_cells"]
+    assert qc.details["flagged_fields"]["blur"] == ["b.jpg"] and qc.details["fields"]["b.jpg"]["sharpness"] < 1.7
+
+
+def test_blurred_patient_is_never_called_normal(tmp_path):
+    """The shipped model calls the example patients normal; the same fields blurred must not be."""
+    shipped_weights_or_skip()
+    src = sorted(p for p in EXAMPLES.iterdir() if p.is_dir())[0]
+    pdir = tmp_path / "patients" / "blurred"
+    pdir.mkdir(parents=True)
+    for f in sorted(src.glob("*.jpg")):
+        rgb = np.asarray(Image.open(f).convert("RGB"))
+        Image.fromarray(blur(rgb, 0.08 * measure_field(rgb).rbc_px)).save(pdir / f.name, quality=95)
+    shutil.copytree(src, tmp_path / "patients" / "clean")
+    out, js = tmp_path / "r.csv", tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["diagnose", str(tmp_path / "patients"), "--out", str(out), "--json", str(js), "--quiet",
+                                 "--workers", "1"])
+    assert r.exit_code in (0, 1), r.output
+    rows = {row["patient"]: row for row in csv.DictReader(open(out, newline=""))}
+    assert "blur" in rows["blurred"]["qc"].split(";")
+    assert rows["blurred"]["call"] != "normal" and "QC" in rows["blurred"]["reason"]
+    assert rows["clean"]["qc"] == "" and rows["clean"]["call"] == "normal"
+    doc = {p["patient"]: p for p in json.loads(js.read_text())["patients"]}
+    assert all(v["sharpness"] < 1.7 for v in doc["blurred"]["qc_details"]["fields"].values())
