@@ -119,13 +119,20 @@ def detect_cells(
     ``threshold`` defaults to the model's ``allmil.threshold`` metadata.
     """
     meta = model_meta(session)
-    thr = meta["threshold"] if threshold is None else float(threshold)
-    stride, canon = meta["stride"], meta["canonical_rbc_px"]
-    x, sx, sy = prepare_input(rgb, rbc_px, canon)
+    x, sx, sy = prepare_input(rgb, rbc_px, meta["canonical_rbc_px"])
     name = session.get_inputs()[0].name
     heat = session.run(None, {name: x})[0][0, 0]
-    peaks = decode_heatmap(heat, thr, MIN_PEAK_DIST_RBC * canon / stride)
     h, w = rgb.shape[:2]
+    return heatmap_detections(heat, meta, threshold, w, h, sx, sy)
+
+
+def heatmap_detections(heat: np.ndarray, meta: dict[str, float], threshold: float | None, w: int, h: int,
+                       sx: float, sy: float) -> list[Detection]:
+    """The detector's heatmap (``[H/stride, W/stride]``) -> cells in full-resolution pixels of a ``w`` x ``h`` field
+    (``sx``, ``sy``: model-input pixels per field pixel, from :func:`prepare_input`)."""
+    thr = meta["threshold"] if threshold is None else float(threshold)
+    stride, canon = meta["stride"], meta["canonical_rbc_px"]
+    peaks = decode_heatmap(heat, thr, MIN_PEAK_DIST_RBC * canon / stride)
     out = []
     for px, py, s in peaks:
         fx = float(px) * stride / sx

@@ -77,6 +77,7 @@ class Models:
     sha256: dict[str, str] = field(default_factory=dict)
     provider: str = "CPUExecutionProvider"
     notice: str | None = None
+    gpu_decode: bool = False  # JPEGs decoded and cropped on the GPU (allmil_cli.gpu): CUDA provider + torch with CUDA
 
     def metadata(self, which: str) -> dict[str, str]:
         return dict(getattr(self, which).get_modelmeta().custom_metadata_map)
@@ -136,7 +137,13 @@ def load_models(
     used = sessions["embedder"].get_providers()[0]
     if device == "auto" and providers[0] == "CUDAExecutionProvider" and used != "CUDAExecutionProvider":
         notice = "no usable GPU found by onnxruntime-gpu; running on the CPU."
-    return Models(weights_dir=weights_dir, sha256=digests, provider=used, notice=notice, **sessions)
+    gpu_decode = False
+    if used == "CUDAExecutionProvider":  # the networks run on the GPU: decode and crop there too when torch can
+        from allmil_cli.gpu import decode_status
+
+        gpu_decode, why = decode_status()
+        notice = " ".join(x for x in (notice, why) if x) or None
+    return Models(weights_dir=weights_dir, sha256=digests, provider=used, notice=notice, gpu_decode=gpu_decode, **sessions)
 
 
 def tool_version() -> str:
