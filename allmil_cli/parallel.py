@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import select
 import signal
 import threading
 import time
@@ -177,9 +178,31 @@ _WORKER: Any = None  # the worker process's Pipeline
 _WORKER_ERROR: str | None = None  # why it could not be built
 
 
-def _init_worker(weights_dir: str, sha256: dict[str, str], options: Any) -> None:
+def _exit_with(pid: int) -> None:
+    """Exit this worker as soon as process ``pid`` (the main process) is gone, however it died (even SIGKILL).
+
+    A pool worker otherwise outlives a killed main process: it holds both ends of its own task pipe, so it never
+    sees end-of-file, and the forkserver lives as long as its children.
+    """
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3: readable when the process exits
+        select.select([fd], [], [])
+    except (AttributeError, OSError):  # no pidfd here: poll
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+    os._exit(1)
+
+
+def _init_worker(weights_dir: str, sha256: dict[str, str], options: Any, main_pid: int) -> None:
     """Runs once in each worker process: load and check the models, build a serial Pipeline."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    threading.Thread(target=_exit_with, args=(main_pid,), name="allmil-watch-main", daemon=True).start()
     global _WORKER, _WORKER_ERROR
     try:
         from dataclasses import replace
@@ -223,7 +246,7 @@ class ProcessPool:
     def __init__(self, weights_dir: Path, sha256: dict[str, str], options: Any, workers: int,
                  failed: Callable[[Path, str], Any], on_stage: Callable[[str, float], None] | None = None) -> None:
         self.workers = max(1, int(workers))
-        self._initargs = (str(weights_dir), dict(sha256), options)
+        self._initargs = (str(weights_dir), dict(sha256), options, os.getpid())
         self._failed = failed
         self._on_stage = on_stage
         self._queue = _Ordered(LOOKAHEAD_PER_WORKER * self.workers)

@@ -205,3 +205,35 @@ def _session_of(d: Path) -> int | None:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
     return None if fields[0] == "Z" else int(fields[3])
+
+
+def test_workers_exit_when_the_main_process_is_killed(cohort, tmp_path):
+    """SIGKILL leaves the main process no chance to clean up: the workers must notice on their own."""
+    weights = shipped_weights_or_skip()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "allmil_cli", "diagnose", str(cohort), "--out", str(tmp_path / "r.csv"),
+                             "--weights", str(weights), "--workers", "2", "--device", "cpu", "-q"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 20
+    while time.time() < deadline and len(_descendants(proc.pid)) < 3:
+        time.sleep(0.05)
+    below = _descendants(proc.pid)
+    assert len(below) >= 3, "the worker processes never started"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and _alive(below):
+        time.sleep(0.1)
+    assert not _alive(below), f"orphaned: {sorted(_alive(below))}"
+
+
+def _alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] != "Z":
+            out.add(pid)
+    return out
