@@ -102,7 +102,7 @@ def _domain_view(rgb: np.ndarray, cells: list[Cell], rng: np.random.Generator, t
     from allmil_cli.scale import FieldStats, anchor_colours
     from allmil_cli.train.shifts import blur, jpeg
 
-    stain = _apply_lut(_stain_pool()[int(rng.integers(STAIN_POOL))])
+    stain = _apply_lut(_stain_lut(int(rng.integers(STAIN_POOL))))
     rbc = cells[0].rbc_px
     target = math.exp(rng.uniform(math.log(12.0), math.log(60.0))) if rng.random() < 0.7 else rbc
     f = min(1.0, target / rbc)
@@ -135,20 +135,19 @@ def _domain_view(rgb: np.ndarray, cells: list[Cell], rng: np.random.Generator, t
 
 
 #: Random stain changes are drawn from a fixed, seeded pool of this many lookup tables (building one costs
-#: ~0.2 s; indexing a crop ~2 ms), so every view of every cell still gets a random one of many stains.
+#: ~0.2 s, so each is built on first use; indexing a crop ~2 ms): every view still gets one of many stains.
 STAIN_POOL = 96
-_POOL: list[np.ndarray] = []
+_POOL: dict[int, np.ndarray] = {}
 
 
-def _stain_pool() -> list[np.ndarray]:
-    """``STAIN_POOL`` draws of ``shifts.random_stain`` as 64-level 3-D lookup tables (262,144 x 3, flattened)."""
-    if not _POOL:
+def _stain_lut(i: int) -> np.ndarray:
+    """Draw ``i`` of the pool: ``shifts.random_stain`` as a 64-level 3-D lookup table (262,144 x 3, flattened)."""
+    if i not in _POOL:
         from allmil_cli.train.shifts import random_stain
 
         grid = np.stack(np.meshgrid(*[np.arange(64, dtype=np.uint8) * 4 + 2] * 3, indexing="ij"), -1).reshape(-1, 1, 3)
-        rng = np.random.default_rng(20261127)
-        _POOL.extend(random_stain(rng)(grid).reshape(-1, 3) for _ in range(STAIN_POOL))
-    return _POOL
+        _POOL[i] = random_stain(np.random.default_rng([20261127, i]))(grid).reshape(-1, 3)
+    return _POOL[i]
 
 
 def _apply_lut(lut: np.ndarray):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,36 +24,41 @@ from allmil_cli.crops import crop_cells
 from allmil_cli.train.data import load_rgb
 from allmil_cli.train.export import _logit, check_onnx, export_onnx
 from allmil_cli.train.features import feature_cache
-from allmil_cli.train.inventory import CACHE, WEIGHTS, inventory, tiny_inventory
+from allmil_cli.normalize import meta_for
+from allmil_cli.train.augment import RECIPES, SHIPPED_RECIPE
+from allmil_cli.train.inventory import PBC_TRAIN, WEIGHTS, inventory, pbc_cells, tiny_inventory
 from allmil_cli.train.mil import TrainConfig, sample_weights, train
+from allmil_cli.train.protocol2 import ARGS, selection_path
 
 
-def train_final(backbone: str = "mobilenet_v2:center", n_aug: int = 2, tiny: bool = False, weights_file: str | None = None,
-                threshold: float | None = None, cell_threshold: float | None = None, combine: str | None = None,
-                out_dir: Path = WEIGHTS) -> dict:
-    """Shipped models: all cells (ALL-IDB1 + ALL-IDB2 + BCCD train/val), then ONNX export + check."""
+def train_final(backbone: str = "mobilenet_v2:center", recipe: str = SHIPPED_RECIPE, tiny: bool = False,
+                weights_file: str | None = None, threshold: float | None = None, cell_threshold: float | None = None,
+                combine: str | None = None, out_dir: Path = WEIGHTS) -> dict:
+    """Shipped models: all cells of the recipe (ALL-IDB1 + ALL-IDB2 + BCCD train/val [+ PBC]), then ONNX export + check."""
     import torch
 
     torch.set_num_threads(1)
     t_start = time.time()
-    cells = [] if tiny else inventory()
+    rec = RECIPES[recipe]
     cfg = TrainConfig()
     tag = ""
-    if tiny:  # CI smoke: a handful of cells, 1 augmentation, a few steps
-        n_aug, tag = 1, "_tiny"
+    if tiny:  # CI smoke: a handful of cells, 1 augmented view, a few steps
+        rec, tag = replace(rec, n_aug=1), "_tiny"
         cells = tiny_inventory()
         cfg = TrainConfig(stage1_steps=5, stage2_steps=5, batch1=8, batch2=4)
-    fc = feature_cache(backbone, n_aug, cells, weights_file, tag=tag)
+    else:
+        cells = inventory() + (pbc_cells(per_type=PBC_TRAIN) if rec.pbc else [])
+    n_aug = rec.n_aug
+    fc = feature_cache(backbone, n_aug, cells, weights_file, tag=tag, recipe=None if rec.name == "v1" else rec)
     labels = np.array([c.label for c in cells])
     head, agg = train(fc["feats"], labels, fc["blank"], cfg, weights=sample_weights(cells, cfg))
-    if not tiny and threshold is None and not (CACHE / "selection.json").exists():
+    ARGS.update(backbone=backbone, augment=n_aug, recipe=recipe)
+    if not tiny and threshold is None and not selection_path().exists():
         # patient threshold / combine rule from protocol-2 out-of-fold predictions (5 fold models)
         from allmil_cli.train import evaluate as ev
-        from allmil_cli.train.protocol2 import ARGS
 
-        ARGS.update(backbone=backbone, augment=n_aug)
-        ev.run_combine(argparse.Namespace(what="combine", cells="auto", backbone=backbone, augment=n_aug))
-    sel = json.loads((CACHE / "selection.json").read_text()) if (CACHE / "selection.json").exists() and not tiny else {}
+        ev.run_combine(argparse.Namespace(what="combine", cells="auto", backbone=backbone, augment=None, recipe=recipe))
+    sel = json.loads(selection_path().read_text()) if selection_path().exists() and not tiny else {}
     thr = threshold if threshold is not None else sel.get("threshold", 0.5)
     cthr = cell_threshold if cell_threshold is not None else sel.get("cell_threshold", 0.5)
     comb = combine or sel.get("combine", "max")
@@ -64,7 +70,8 @@ def train_final(backbone: str = "mobilenet_v2:center", n_aug: int = 2, tiny: boo
     thr_raw = thr
     emb, aggp = export_onnx(backbone, head, agg, out_dir, 0.5, cthr, comb, weights_file,
                             extra_meta={"allmil.shuffles": sel.get("shuffles", 5), "allmil.logit_shift": repr(shift),
-                                        "allmil.threshold_raw": repr(thr_raw)})
+                                        "allmil.threshold_raw": repr(thr_raw), "allmil.recipe": rec.name},
+                            embedder_meta={**(meta_for() if rec.stain_norm else {}), "allmil.recipe": rec.name})
     # ONNX vs torch on real crops
     rgb_cells = cells[:: max(1, len(cells) // 16)][:16]
     crops = np.concatenate([crop_cells(load_rgb(Path(c.path)), np.array([[c.x, c.y]]), c.rbc_px) for c in rgb_cells])
@@ -81,7 +88,7 @@ def train_final(backbone: str = "mobilenet_v2:center", n_aug: int = 2, tiny: boo
         cnt = Counter((c.kind, c.label) for c in cells)
         txt = f"""## Shipped models (`weights/embedder.onnx`, `weights/aggregator.onnx`)
 
-Command: `python -m allmil_cli.train.cells train` (backbone `{backbone}`, {n_aug} augmented views/cell;
+Command: `python -m allmil_cli.train.cells train --recipe {rec.name}` (backbone `{backbone}`, {n_aug} augmented views/cell;
 {chk['seconds'] / 60:.1f} min on this CPU including the feature cache if warm; a cold feature cache adds
 ~10-15 min; `--tiny` is the CI smoke run). Trained on all data: {len(cells)} cells =
 {', '.join(f'{k[0]} label {k[1]}: {v}' for k, v in sorted(cnt.items()))}
@@ -105,7 +112,7 @@ def main() -> None:
     t = sub.add_parser("train", help="train the shipped models on all data and export weights/*.onnx")
     t.add_argument("--backbone", default=None, help="name[:pooling], e.g. mobilenet_v2:center (default), resnet50:avg")
     t.add_argument("--backbone-weights", default=None)
-    t.add_argument("--augment", type=int, default=None, help="augmented views per cell (features cached; default 2)")
+    t.add_argument("--recipe", default=SHIPPED_RECIPE, choices=sorted(RECIPES), help="training recipe (train/augment.py RECIPES)")
     t.add_argument("--tiny", action="store_true", help="CI smoke run: 12 cells, 1 view, 5 steps")
     t.add_argument("--out", default=str(WEIGHTS))
     t.add_argument("--threshold", type=float, default=None)
@@ -117,10 +124,9 @@ def main() -> None:
 
         print(Counter((c.kind, c.label) for c in cells))
         return
-    from allmil_cli.train.backbones import DEFAULT_AUG, DEFAULT_BACKBONE
+    from allmil_cli.train.backbones import DEFAULT_BACKBONE
 
-    train_final(a.backbone or DEFAULT_BACKBONE, a.augment if a.augment is not None else DEFAULT_AUG, a.tiny,
-                a.backbone_weights, a.threshold, out_dir=Path(a.out))
+    train_final(a.backbone or DEFAULT_BACKBONE, a.recipe, a.tiny, a.backbone_weights, a.threshold, out_dir=Path(a.out))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Evaluation of the embedder + aggregator: protocols 1 and 2, combine rule, stress test; ablations in ``ablations.py``.
 
 ``python -m allmil_cli.train.evaluate <what>`` with <what> one of
-``protocol2``, ``combine``, ``protocol1``, ``stress``, ``cells``, ``backbone``, ``counts``, ``stage1``, ``length``
-or ``all`` (``--cells detector|gt``, ``--backbone SPEC``, ``--augment N``; defaults: fold detectors when
+``protocol2``, ``combine``, ``protocol1``, ``stress``, ``cells``, ``backbone``, ``counts``, ``stage1``, ``length``,
+``all`` (protocol2, combine, protocol1, stress) or ``ablations`` (the rest) (``--recipe NAME``, ``--cells detector|gt``, ``--backbone SPEC``, ``--augment N``; defaults: fold detectors when
 present, the shipped ``mobilenet_v2:center`` with 2 augmented views). Each writes its markdown section to
 ``docs/classifier_results.md`` (sections kept in ``.cache/cells/results/`` and reassembled in a fixed
-order). ``combine`` also writes ``.cache/cells/selection.json`` (patient/cell thresholds, bag rule) that
+order). ``combine`` also writes ``.cache/cells/selection[_RECIPE].json`` (patient/cell thresholds, bag rule) that
 ``python -m allmil_cli.train.cells train`` bakes into the shipped aggregator. Protocol 2 itself is
 described in ``protocol2.py``; the cross-domain protocol 3 in ``protocol3.py``.
 """
@@ -20,9 +20,8 @@ import numpy as np
 from allmil_cli.train.backbones import DEFAULT_AUG as SHIP_AUG
 from allmil_cli.train.backbones import DEFAULT_BACKBONE
 from allmil_cli.train.augment import RECIPES, SHIPPED_RECIPE
-from allmil_cli.train.inventory import CACHE
 from allmil_cli.train.ablations import run_backbone, run_cells, run_counts, run_length, run_stage1
-from allmil_cli.train.protocol2 import ARGS, Protocol2, _sel
+from allmil_cli.train.protocol2 import ARGS, Protocol2, _sel, selection_path
 from allmil_cli.train.results import _cmd, assemble, save_section
 from allmil_cli.train.thresholds import HEAD, auc, metrics, pick_threshold, pick_threshold_margin, row
 
@@ -79,7 +78,7 @@ def run_combine(a) -> None:
     cy, cp = P.cell_oof()
     cthr = pick_threshold(cy, cp)
     sel = {"combine": comb, "threshold": thr, "cell_threshold": cthr, "shuffles": 5, "source": P.source}
-    (CACHE / "selection.json").write_text(json.dumps(sel, indent=1))
+    selection_path().write_text(json.dumps(sel, indent=1))
     txt = f"""## Combine rule for patients with more than 15 cells (protocol 2, out-of-fold)
 
 Command: `{_cmd(a)}`. Setup: {P.describe()}. Patients with <= 15 cells get one bag (identical for all
@@ -156,7 +155,7 @@ Targets: blasts removed <= 15 %, normals removed >= unattacked. Paper: 43.90 % /
 def main() -> None:
     ap = argparse.ArgumentParser(description="embedder + aggregator evaluation")
     ap.add_argument("what", choices=["protocol2", "combine", "protocol1", "stress", "cells", "backbone", "counts", "stage1",
-                                     "length", "all", "assemble"])
+                                     "length", "all", "ablations", "assemble"])
     ap.add_argument("--cells", choices=["auto", "detector", "gt"], default="auto",
                     help="test cells: fold detectors (auto when present) or ground-truth centroids")
     ap.add_argument("--backbone", default=None, help=f"backbone spec (default {DEFAULT_BACKBONE})")
@@ -171,8 +170,9 @@ def main() -> None:
             "cells": run_cells, "backbone": run_backbone, "counts": run_counts, "stage1": run_stage1, "length": run_length}
     if a.what == "assemble":
         assemble()
-    elif a.what == "all":
-        for w in ("protocol2", "combine", "protocol1", "stress", "cells", "counts", "stage1", "length", "backbone"):
+    elif a.what in ("all", "ablations"):  # all: what the shipped models need and the quoted numbers; ablations: section 5
+        order = ("protocol2", "combine", "protocol1", "stress") if a.what == "all" else ("cells", "counts", "stage1", "length", "backbone")
+        for w in order:
             a.what = w
             todo[w](a)
     else:

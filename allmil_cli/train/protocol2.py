@@ -251,6 +251,12 @@ class Protocol2:
         return f"recipe `{self.recipe.name}`, backbone `{self.backbone}`, {self.n_aug if self.view_subset is None else self.view_subset} augmented views/cell, {src}"
 
 
+def selection_path(recipe: str | None = None) -> Path:
+    """Where ``evaluate combine`` keeps a recipe's operating point (thresholds, bag rule) for ``cells train``."""
+    recipe = recipe or ARGS.get("recipe") or "v1"
+    return CACHE / ("selection.json" if recipe == "v1" else f"selection_{recipe}.json")
+
+
 def _sel() -> dict:
-    f = CACHE / "selection.json"
+    f = selection_path()
     return json.loads(f.read_text()) if f.exists() else {"combine": "max", "threshold": 0.5}

@@ -1,12 +1,15 @@
 """``allmil train all``: rebuild every shipped model and every reported number, in order.
 
 1. detector: cache, 5-fold models + held-out recall, threshold, final model, BCCD AP50
-   (``python -m allmil_cli.train.detector all``, ~24 min);
+   (``python -m allmil_cli.train.detector all``, ~24 min); magnification: held-out detection across scales/colours;
 2. idb2_map: where each ALL-IDB2 crop was cut from in ALL-IDB1 (~5 min);
-3. inventory: the training cells; combine: protocol-2 fold models, bag rule, operating point (~15 min);
-4. cells: embedder (frozen backbone + FC256) and LSTM aggregator on all data (~2 min);
-5. evaluate: protocols 1 and 2, stress test, ablations (``python -m allmil_cli.train.evaluate all``, ~40 min);
-6. ``weights/manifest.json`` (sha256 of each model).
+3. inventory: the training cells; combine: protocol-2 fold models of the shipped recipe, bag rule, operating
+   point (~25 min with a cold feature cache);
+4. cells: embedder (frozen backbone + FC256) and LSTM aggregator on all data (~3 min);
+5. evaluate: protocols 1 and 2, stress test (``python -m allmil_cli.train.evaluate all``, ~5 min);
+6. protocol3: cross-domain protocol for the shipped recipe and its PBC-free twin (leave-source-out), ~30 min;
+7. ``weights/manifest.json`` (sha256 of each model).
+``--ablations`` adds the section-5 ablations and the v1 baseline of protocol 3 (~1 h more).
 
 Each step runs in its own Python process, so a failure names its step. ``--skip`` leaves steps out.
 """
@@ -28,15 +31,21 @@ STEPS = {
     "combine": ["-m", "allmil_cli.train.evaluate", "combine"],
     "cells": ["-m", "allmil_cli.train.cells", "train"],
     "evaluate": ["-m", "allmil_cli.train.evaluate", "all"],
+    "protocol3": ["-m", "allmil_cli.train.protocol3", "all", "--recipes", "v2pbc", "v2"],
+}
+EXTRA = {
+    "ablations": ["-m", "allmil_cli.train.evaluate", "ablations"],
+    "protocol3_baseline": ["-m", "allmil_cli.train.protocol3", "all", "--recipes", "v1", "norm", "aug"],
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="allmil train all", description=__doc__.split("\n")[0])
     ap.add_argument("--skip", nargs="*", default=[], choices=sorted(STEPS), help="steps to leave out")
+    ap.add_argument("--ablations", action="store_true", help="also the ablations and protocol 3 of the other recipes")
     a = ap.parse_args(argv)
     t0 = time.time()
-    for name, args in STEPS.items():
+    for name, args in {**STEPS, **(EXTRA if a.ablations else {})}.items():
         if name in a.skip:
             continue
         print(f"== {name}: {sys.executable} {' '.join(args)}", flush=True)
