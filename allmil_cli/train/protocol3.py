@@ -86,6 +86,43 @@ def _match(xy: np.ndarray, pts: np.ndarray, radius: float) -> np.ndarray:
     return np.where(d[np.arange(len(pts)), j] <= radius, j, -1)
 
 
+def new_tally() -> dict:
+    return {"y": [], "p": [], "n_cells": [], "blast_hits": 0, "blasts": 0, "normal_flags": 0, "normals": 0,
+            "normals_found": 0, "blasts_found": 0}
+
+
+def score_field(pipes: dict[str, Pipeline], path: Path, label: int, blasts: np.ndarray, normals: np.ndarray,
+                shifts: list[Shift], tally: dict[str, dict[str, dict]]) -> None:
+    """One held-out field under every shift, through the product path, into ``tally[recipe][shift]``.
+
+    ``pipes``: one Pipeline per recipe (the fold's models); the first one's detector finds the cells (all share it).
+    ``blasts`` / ``normals``: ground-truth centres (N, 2) in the field's full-resolution pixels."""
+    rgb = load_rgb(path)
+    rbc0 = estimate_rbc_diameter(rgb)
+    first = next(iter(pipes.values()))
+    for s in shifts:
+        img, f = s.apply(rgb, rbc0)
+        cells, stats = first.locate_cells(Field(path=path, page=0, rgb=img))
+        xy = np.asarray([(c.x, c.y) for c in cells], np.float64).reshape(-1, 2)
+        raw = crop_cells(img, xy, stats.rbc_px)
+        radius = MATCH_RBC * rbc0 * f
+        hb = _match(xy, np.asarray(blasts, np.float64).reshape(-1, 2) * f, radius)
+        hn = _match(xy, np.asarray(normals, np.float64).reshape(-1, 2) * f, radius)
+        for r, pl in pipes.items():
+            feats = pl.embedder.embed(pl.embedder.normalise(raw, stats))
+            scores = pl.aggregator.cell_scores(feats) if len(feats) else np.zeros(0, np.float32)
+            d = tally.setdefault(r, {}).setdefault(s.name, new_tally())
+            d["y"].append(int(label))
+            d["p"].append(float(pl.aggregator.patient_probability(feats, seed=0)))
+            d["n_cells"].append(len(cells))
+            d["blasts"] += len(hb)
+            d["blasts_found"] += int((hb >= 0).sum())
+            d["blast_hits"] += int(sum(scores[j] >= CELL_THRESHOLD for j in hb if j >= 0))
+            d["normals"] += len(hn)
+            d["normals_found"] += int((hn >= 0).sum())
+            d["normal_flags"] += int(sum(scores[j] >= CELL_THRESHOLD for j in hn if j >= 0))
+
+
 def run_fields(recipes: list[str], shifts: list[Shift] = PROTOCOL3, limit: int | None = None, verbose: bool = True) -> dict:
     """Per recipe and shift: y, p_all per patient; blast and normal-cell hits (see the module docstring)."""
     P = Protocol2(recipe=recipes[0], cells_source="detector", verbose=False)
@@ -94,42 +131,16 @@ def run_fields(recipes: list[str], shifts: list[Shift] = PROTOCOL3, limit: int |
     for c in P.cells:
         if c.label == 0 and c.kind in ("idb1", "idb2") and c.idb1_field:
             normals.setdefault(c.idb1_field, []).append((c.x, c.y))
-    res = {r: {s.name: {"y": [], "p": [], "n_cells": [], "blast_hits": 0, "blasts": 0, "normal_flags": 0, "normals": 0,
-                        "normals_found": 0, "blasts_found": 0} for s in shifts} for r in recipes}
+    tally: dict[str, dict[str, dict]] = {r: {s.name: new_tally() for s in shifts} for r in recipes}
     recs = P.recs[:limit] if limit else P.recs
     t0 = time.time()
     for i, rec in enumerate(recs):
         k = P.fold_of[rec.name]
-        rgb = load_rgb(rec.path)
-        rbc0 = estimate_rbc_diameter(rgb)
-        gt_norm = np.asarray(normals.get(rec.name, []), np.float64).reshape(-1, 2)
-        for s in shifts:
-            img, f = s.apply(rgb, rbc0)
-            det = pipes[recipes[0]][k]
-            fld = Field(path=rec.path, page=0, rgb=img)
-            cells, stats = det.locate_cells(fld)
-            xy = np.asarray([(c.x, c.y) for c in cells], np.float64).reshape(-1, 2)
-            raw = crop_cells(img, xy, stats.rbc_px)
-            radius = MATCH_RBC * rbc0 * f
-            hb = _match(xy, rec.blasts * f, radius)
-            hn = _match(xy, gt_norm * f, radius)
-            for r in recipes:
-                pl = pipes[r][k]
-                feats = pl.embedder.embed(pl.embedder.normalise(raw, stats))
-                scores = pl.aggregator.cell_scores(feats) if len(feats) else np.zeros(0, np.float32)
-                d = res[r][s.name]
-                d["y"].append(rec.label)
-                d["p"].append(float(pl.aggregator.patient_probability(feats, seed=0)))
-                d["n_cells"].append(len(cells))
-                d["blasts"] += len(hb)
-                d["blasts_found"] += int((hb >= 0).sum())
-                d["blast_hits"] += int(sum(scores[j] >= CELL_THRESHOLD for j in hb if j >= 0))
-                d["normals"] += len(hn)
-                d["normals_found"] += int((hn >= 0).sum())
-                d["normal_flags"] += int(sum(scores[j] >= CELL_THRESHOLD for j in hn if j >= 0))
+        score_field({r: pipes[r][k] for r in recipes}, rec.path, rec.label, rec.blasts, np.asarray(normals.get(rec.name, [])),
+                    shifts, tally)
         if verbose and (i + 1) % 10 == 0:
             print(f"  protocol 3: {i + 1}/{len(recs)} fields, {time.time() - t0:.0f}s", flush=True)
-    return res
+    return tally
 
 
 def summarise(d: dict) -> dict:
