@@ -233,11 +233,21 @@ def _workers(workers: Optional[int]) -> int:
     return workers or default_workers()
 
 
+def _prestart(weights: Optional[Path], options, patients) -> None:
+    """Launch the worker processes now: they load their models while this process loads its own."""
+    if options.workers > 1 and sum(len(p.images) for p in patients) > 1:
+        from allmil_cli.models import default_weights_dir
+        from allmil_cli.parallel import prestart
+
+        prestart(weights or default_weights_dir(), options, options.workers)
+
+
 def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, what: str):
     from allmil_cli.parallel import WorkerStartError
     from allmil_cli.pipeline import Pipeline
 
     patients = _patients(input_dir, per_image, quiet)
+    _prestart(weights, options, patients)
     models = _models(weights, device, threads, quiet)
     pipeline = Pipeline(models, options)
     results = []
@@ -283,6 +293,8 @@ def _run_cohort(input_dir, per_image, weights, quiet, options, cfg, journal_path
     patients = select(everyone, shard)
     if shard and not quiet:
         err.print(f"shard {shard[0]}/{shard[1]}: {len(patients)} of {len(everyone)} patient(s)")
+    if cfg.engine == "local":
+        _prestart(weights, options, patients)
     models = _models(weights, Device(cfg.device), cfg.threads, quiet)
     pipeline = Pipeline(models, options, on_field=review.on_field if review else None)
     if review:

@@ -24,7 +24,7 @@ import numpy as np
 
 from allmil_cli.crops import crop_cells
 from allmil_cli.images import Field, ImageError, Patient, load_fields
-from allmil_cli.parallel import FieldOutcome, FileOutcome, ProcessPool
+from allmil_cli.parallel import FieldOutcome, FileOutcome, ProcessPool, take_prestarted
 from allmil_cli.scale import FieldStats
 
 
@@ -117,10 +117,11 @@ class Execution:
     def _workers_for(self, paths: list[Path]) -> ProcessPool | None:
         """The worker pool (started on first use) when ``Options.workers`` > 1 and there is more than one file."""
         if self._pool is None and self._gpu is None and int(self.options.workers) > 1 and len(paths) > 1:
-            m = self.models
-            self._pool = ProcessPool(m.weights_dir, m.sha256, self.options, int(self.options.workers), self._failed_file,
-                                     on_stage=lambda stage, s: self.timer.add_seconds(stage, s))
-            self._pool.start()
+            m, n = self.models, int(self.options.workers)
+            pool = take_prestarted(m.weights_dir, self.options, n) or ProcessPool(m.weights_dir, m.sha256, self.options, n)
+            pool.adopt(m.sha256, self._failed_file, on_stage=self.timer.add_seconds)
+            self._pool = pool
+            pool.start()
         return self._pool
 
     def _embed_pending(self, feats: list[np.ndarray | None], todo: list[tuple[int, np.ndarray]]) -> None:

@@ -199,7 +199,7 @@ def _exit_with(pid: int) -> None:
     os._exit(1)
 
 
-def _init_worker(weights_dir: str, sha256: dict[str, str], options: Any, main_pid: int) -> None:
+def _init_worker(weights_dir: str, sha256: dict[str, str] | None, options: Any, main_pid: int) -> None:
     """Runs once in each worker process: load and check the models, build a serial Pipeline."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     threading.Thread(target=_exit_with, args=(main_pid,), name="allmil-watch-main", daemon=True).start()
@@ -211,7 +211,7 @@ def _init_worker(weights_dir: str, sha256: dict[str, str], options: Any, main_pi
         from allmil_cli.pipeline import Pipeline
 
         models = load_models(Path(weights_dir), device="cpu", threads=1)
-        if models.sha256 != sha256:
+        if sha256 is not None and models.sha256 != sha256:
             raise RuntimeError(f"{weights_dir}: the model files changed since the run started; restart the run.")
         _WORKER = Pipeline(models, replace(options, workers=1, decode_workers=1))
     except Exception as exc:  # noqa: BLE001 - reported by the main process (start), not as a broken pool
@@ -228,8 +228,8 @@ def _work(path: Path, mode: str, keep_field: bool) -> tuple[Any, dict[str, float
     return outcome, dict(pipeline.timer.seconds)
 
 
-def _started() -> str | None:
-    return _WORKER_ERROR
+def _started() -> tuple[str | None, dict[str, str] | None]:
+    return _WORKER_ERROR, None if _WORKER is None else dict(_WORKER.models.sha256)
 
 
 class WorkerStartError(RuntimeError):
@@ -243,12 +243,14 @@ class ProcessPool:
     ``failed(path, reason)`` builds the outcome of a file whose worker died twice or raised unexpectedly.
     """
 
-    def __init__(self, weights_dir: Path, sha256: dict[str, str], options: Any, workers: int,
-                 failed: Callable[[Path, str], Any], on_stage: Callable[[str, float], None] | None = None) -> None:
+    def __init__(self, weights_dir: Path, sha256: dict[str, str] | None, options: Any, workers: int,
+                 failed: Callable[[Path, str], Any] | None = None, on_stage: Callable[[str, float], None] | None = None) -> None:
         self.workers = max(1, int(workers))
-        self._initargs = (str(weights_dir), dict(sha256), options, os.getpid())
-        self._failed = failed
+        self.weights_dir, self.options, self.sha256 = Path(weights_dir).resolve(), options, sha256
+        self._initargs = (str(weights_dir), None if sha256 is None else dict(sha256), options, os.getpid())
+        self._failed = failed or (lambda path, reason: None)
         self._on_stage = on_stage
+        self._starting: list[Future] = []
         self._queue = _Ordered(LOOKAHEAD_PER_WORKER * self.workers)
         self._tries: dict[Hashable, int] = {}
         self._executor: ProcessPoolExecutor | None = None
@@ -263,18 +265,31 @@ class ProcessPool:
                                                  initargs=self._initargs)
         return self._executor
 
+    def launch(self) -> None:
+        """Start the workers loading their models, without waiting for them."""
+        if not self._starting:
+            pool = self._pool()
+            self._starting = [pool.submit(_started) for _ in range(self.workers)]
+
+    def adopt(self, sha256: dict[str, str], failed: Callable[[Path, str], Any],
+              on_stage: Callable[[str, float], None] | None) -> None:
+        """Take over a pool launched before the run's models were loaded (:func:`prestart`)."""
+        self.sha256, self._failed, self._on_stage = dict(sha256), failed, on_stage
+
     def start(self) -> None:
-        """Start the workers and wait until each has loaded its models; :class:`WorkerStartError` if they cannot."""
-        pool = self._pool()
+        """Wait until every worker has loaded its models (the run's, by sha256); :class:`WorkerStartError` if not."""
+        self.launch()
         try:
-            errors = [f.result() for f in [pool.submit(_started) for _ in range(self.workers)]]
+            started = [f.result() for f in self._starting]
         except BrokenProcessPool as exc:
             self.close()
             raise WorkerStartError(f"the worker processes could not start ({exc}); rerun with --workers 1.") from exc
-        if any(errors):
+        errors = [e for e, _ in started if e]
+        if not errors and self.sha256 is not None and any(s != self.sha256 for _, s in started):
+            errors = [f"{self.weights_dir}: the model files changed since the run started; restart the run"]
+        if errors:
             self.close()
-            raise WorkerStartError(f"the worker processes could not start: {next(e for e in errors if e)}; "
-                                   "rerun with --workers 1.")
+            raise WorkerStartError(f"the worker processes could not start: {errors[0]}; rerun with --workers 1.")
 
     def schedule(self, paths: list[Path], mode: str, keep_field: bool) -> None:
         self._queue.upcoming.extend((p, mode, keep_field) for p in paths)
@@ -361,3 +376,38 @@ class ProcessPool:
         self._queue.clear()
         with self._lock:
             self._terminate()
+
+
+# ---- workers started early ---------------------------------------------------------------------
+_PRESTARTED: list[ProcessPool] = []
+
+
+def _settings(options: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(options, workers=1, decode_workers=1)
+
+
+def prestart(weights_dir: Path, options: Any, workers: int) -> None:
+    """Launch ``workers`` worker processes now, so their start (imports, model load) overlaps the main process's
+    own; the next :class:`allmil_cli.pipeline.Pipeline` with the same weights, options and workers takes them
+    over (:func:`take_prestarted`). Unclaimed ones are stopped at exit."""
+    if workers <= 1 or _PRESTARTED:
+        return
+    pool = ProcessPool(weights_dir, None, options, workers)
+    pool.launch()
+    _PRESTARTED.append(pool)
+    import atexit
+
+    atexit.register(pool.close)
+
+
+def take_prestarted(weights_dir: Path, options: Any, workers: int) -> ProcessPool | None:
+    """The pool :func:`prestart` launched, if it fits this run (else it is stopped)."""
+    if not _PRESTARTED:
+        return None
+    pool = _PRESTARTED.pop()
+    if (pool.workers, pool.weights_dir, _settings(pool.options)) == (workers, Path(weights_dir).resolve(), _settings(options)):
+        return pool
+    pool.close()
+    return None

@@ -269,20 +269,27 @@ class Baseline:
         grid_t = torch.tensor(grid, dtype=torch.float32, device=self.device)
         return torch.cat([det_boxes[:BASELINE_CROPS].float(), grid_t])[:BASELINE_CROPS]
 
-    def run_field(self, path: Path, stages: dict[str, float]) -> None:
+    def run_field(self, path: Path, stages: dict[str, float], decoded: Any = None) -> None:
+        """One field; ``decoded``: the field already decoded elsewhere (an RGB array from decode threads, or a
+        (3, H, W) uint8 tensor on the device from nvJPEG), else it is decoded here."""
         torch = self.torch
         from torchvision.ops import roi_align
 
         with torch.inference_mode():
             t0 = time.perf_counter()
-            rgb = decode_full(path)
-            img = torch.from_numpy(np.require(rgb, requirements="W")).to(self.device).permute(2, 0, 1).float().div_(255.0)
+            if decoded is None:
+                decoded = decode_full(path)
+            if isinstance(decoded, np.ndarray):
+                h, w = decoded.shape[:2]
+                img = torch.from_numpy(np.require(decoded, requirements="W")).to(self.device).permute(2, 0, 1).float().div_(255.0)
+            else:
+                h, w = decoded.shape[1:]
+                img = decoded.to(self.device).float().div_(255.0)
             self._sync()
             t1 = time.perf_counter()
             det = self.detector([img])[0]
             self._sync()
             t2 = time.perf_counter()
-            h, w = rgb.shape[:2]
             boxes = self._boxes(det["boxes"], h, w)
             crops = roi_align(img[None], [boxes], output_size=(224, 224), spatial_scale=1.0, sampling_ratio=2, aligned=True)
             crops = (crops - self.mean) / self.std

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""Whole-process throughput against workers, the decode floor and the paper-style stack, in one run (issue 8).
+
+On the same fields (the first ``--fields`` ALL-IDB1 images; nothing copied: a temporary folder of links):
+
+1. decode floor: a full Pillow decode of each field, serially (one core) and over ``--cores`` threads (Pillow
+   releases the GIL while decoding), as fields/s; with ``--device cuda`` also nvJPEG (batched
+   ``torchvision.io.decode_jpeg`` on the GPU);
+2. allmil: ``allmil diagnose DIR --per-image --out CSV --json JSON --workers W`` as a fresh subprocess for
+   W = 1..cores, timed from start to exit (imports, model load, worker start, reports): the scaling curve;
+3. the paper-style stack (bench.py's ``Baseline``: Faster R-CNN R50-FPN, AlexNet fc7, LSTM) in this process, its
+   decode serial, then fed by ``--cores`` decode threads ahead (bounded), and with ``--device cuda`` fed by nvJPEG;
+   on the first ``--baseline-fields`` fields (it is slow).
+
+Prints a table and appends one row to the "Whole-process scaling" section of bench/RESULTS.md (unless
+``--no-record``). Run it alone on the machine (``flock /tmp/allmil-heavy.lock``); see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench import DEFAULT_DATA, Baseline, cpu_model, decode_full, version_of  # noqa: E402
+
+RESULTS = HERE / "RESULTS.md"
+SECTION = "## Whole-process scaling (bench/bench_scaling.py)"
+HEADER = ("| date (UTC) | machine | versions | device | fields (baseline) | floor ms/field 1 thread | floor fields/s all cores "
+          "| allmil ms/field by workers | allmil fields/s by workers | baseline ms/field: serial / parallel decode / nvJPEG "
+          "| allmil vs best-fed baseline | allmil / floor | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def floor_serial(paths: list[Path]) -> float:
+    decode_full(paths[0])
+    t = time.perf_counter()
+    for p in paths:
+        decode_full(p)
+    return (time.perf_counter() - t) / len(paths)
+
+
+def floor_parallel(paths: list[Path], threads: int) -> float:
+    """Fields per second decoded over ``threads`` threads."""
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(decode_full, paths[:threads]))  # warm-up
+        t = time.perf_counter()
+        for _ in ex.map(decode_full, paths):
+            pass
+    return len(paths) / (time.perf_counter() - t)
+
+
+def nvjpeg_batches(paths: list[Path], batch: int = 16):
+    """Fields decoded on the GPU with nvJPEG, ``batch`` files per call, as (3, H, W) uint8 cuda tensors."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    for i in range(0, len(paths), batch):
+        data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths[i : i + batch]]
+        yield from decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+
+
+def floor_nvjpeg(paths: list[Path]) -> float:
+    import torch
+
+    list(nvjpeg_batches(paths[:4]))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in nvjpeg_batches(paths):
+        pass
+    torch.cuda.synchronize()
+    return len(paths) / (time.perf_counter() - t)
+
+
+def allmil_process(folder: Path, workers: int, device: str, out: Path) -> float:
+    """Seconds for ``allmil diagnose`` as a whole process."""
+    cmd = [sys.executable, "-m", "allmil_cli", "diagnose", str(folder), "--per-image", "--out", str(out / f"w{workers}.csv"),
+           "--json", str(out / f"w{workers}.json"), "--workers", str(workers), "--device", device, "-q"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    dt = time.perf_counter() - t
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return dt
+
+
+def baseline_serial(base: Baseline, paths: list[Path]) -> float:
+    base.run_field(paths[0], {})
+    t = time.perf_counter()
+    for p in paths:
+        base.run_field(p, {})
+    return (time.perf_counter() - t) / len(paths)
+
+
+def baseline_fed(base: Baseline, paths: list[Path], threads: int) -> float:
+    """The stack with ``threads`` decode threads working ahead (at most 2 per thread in flight)."""
+    base.run_field(paths[0], {})
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        queue: deque = deque()
+        todo = deque(paths)
+        while todo or queue:
+            while todo and len(queue) < 2 * threads:
+                p = todo.popleft()
+                queue.append((p, ex.submit(decode_full, p)))
+            p, fut = queue.popleft()
+            base.run_field(p, {}, decoded=fut.result())
+    return (time.perf_counter() - t) / len(paths)
+
+
+def baseline_nvjpeg(base: Baseline, paths: list[Path]) -> float:
+    import torch
+
+    base.run_field(paths[0], {})
+    t = time.perf_counter()
+    for p, img in zip(paths, nvjpeg_batches(paths)):
+        base.run_field(p, {}, decoded=img)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / len(paths)
+
+
+def append(row: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# allmil benchmark results\n"
+    if SECTION not in text:
+        text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + HEADER
+        RESULTS.write_text(text + row + "\n")
+        return
+    head, tail = text.split(SECTION, 1)
+    nxt = tail.find("\n## ")
+    body, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
+    RESULTS.write_text(head + SECTION + body.rstrip("\n") + "\n" + row + "\n" + rest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--fields", type=int, default=24, help="first N ALL-IDB1 fields")
+    ap.add_argument("--baseline-fields", type=int, default=12, help="first N of those for the slow paper-style stack (0 = skip)")
+    ap.add_argument("--cores", type=int, default=cores(), help="workers go 1..cores; decode threads for the floor and the baseline")
+    ap.add_argument("--workers", default=None, help="comma list of worker counts (default 1..cores)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    paths = sorted((args.data / "ALL-IDB1" / "im").glob("*.jpg"))[: args.fields]
+    if not paths:
+        raise SystemExit(f"{args.data}/ALL-IDB1/im: no images; pass --data")
+    for p in paths:
+        p.read_bytes()  # page cache: nobody pays the first disk read
+    sizes = sorted({_size(p) for p in paths})
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else list(range(1, args.cores + 1))
+    print(f"{len(paths)} ALL-IDB1 fields {', '.join(f'{w}x{h}' for h, w in sizes)}; cores {args.cores}; device {args.device}")
+
+    fl1 = floor_serial(paths)
+    flp = floor_parallel(paths, args.cores)
+    fln = floor_nvjpeg(paths) if args.device == "cuda" else float("nan")
+    print(f"decode floor: {fl1 * 1e3:.1f} ms/field on 1 thread; {flp:.1f} fields/s on {args.cores} threads"
+          + (f"; nvJPEG {fln:.0f} fields/s" if fln == fln else ""))
+
+    per_w: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="allmil-scaling-") as tmp:
+        folder, out = Path(tmp) / "fields", Path(tmp) / "out"
+        folder.mkdir()
+        out.mkdir()
+        for p in paths:
+            (folder / p.name).symlink_to(p)
+        for w in workers:
+            per_w[w] = allmil_process(folder, w, args.device, out) / len(paths)
+            print(f"allmil diagnose --workers {w}: {per_w[w] * 1e3:.1f} ms/field ({1 / per_w[w]:.2f} fields/s) whole process")
+        csvs = {(out / f"w{w}.csv").read_text() for w in workers}
+        print("reports identical across worker counts:", len(csvs) == 1)
+
+    base = {"serial": float("nan"), "parallel": float("nan"), "nvjpeg": float("nan")}
+    if args.baseline_fields > 0:
+        import torch
+
+        torch.set_num_threads(args.cores)
+        b = Baseline(args.device)
+        sub = paths[: args.baseline_fields]
+        base["serial"] = baseline_serial(b, sub)
+        base["parallel"] = baseline_fed(b, sub, args.cores)
+        if args.device == "cuda":
+            base["nvjpeg"] = baseline_nvjpeg(b, sub)
+        print("paper-style stack ms/field: " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in base.items() if v == v))
+
+    best_w = min(per_w, key=per_w.get)
+    fed = [v for k, v in base.items() if k != "serial" and v == v] or [base["serial"]]
+    best_base = min(fed)
+    speedup = best_base / per_w[best_w]
+    vs_floor = per_w[best_w] / fl1
+    print(f"\nallmil (best: --workers {best_w}) {per_w[best_w] * 1e3:.1f} ms/field: {speedup:.1f}x faster than the best-fed "
+          f"paper-style stack (target >= 20x on this CPU); {vs_floor:.2f}x the 1-thread decode floor (target <= 2.5x)")
+    if args.no_record:
+        return
+    import onnxruntime as ort
+
+    from allmil_cli import __version__
+
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    versions = f"allmil {__version__}, ort {ort.__version__}, torch {version_of('torch')}"
+    by_w = " / ".join(f"{w}: {per_w[w] * 1e3:.0f}" for w in workers)
+    fps = " / ".join(f"{w}: {1 / per_w[w]:.2f}" for w in workers)
+    bl = " / ".join("-" if v != v else f"{v * 1e3:,.0f}" for v in base.values())
+    floor_all = f"{flp:.1f}" + (f" (nvJPEG {fln:.0f})" if fln == fln else "")
+    row = (f"| {date} | {cpu_model()}, {args.cores} cores | {versions} | {args.device} | {len(paths)} ({args.baseline_fields}) "
+           f"| {fl1 * 1e3:.1f} | {floor_all} | {by_w} | {fps} | {bl} | {speedup:.1f}x | {vs_floor:.2f}x | {args.note} |")
+    append(row)
+    print(f"appended to {RESULTS}")
+
+
+def _size(p: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(p) as im:
+        return im.height, im.width
+
+
+if __name__ == "__main__":
+    main()
