@@ -233,6 +233,12 @@ def _workers(workers: Optional[int]) -> int:
     return workers or default_workers()
 
 
+def _main_threads(threads: Optional[int], workers: int, patients) -> Optional[int]:
+    """onnxruntime threads of this process: with worker processes (more than one file) it only runs the patient
+    calls, so one thread (an idle multi-thread pool would spin on cores the workers need); else --threads."""
+    return threads or (1 if workers > 1 and sum(len(p.images) for p in patients) > 1 else None)
+
+
 def _prestart(weights: Optional[Path], options, patients) -> None:
     """Launch the worker processes now: they load their models while this process loads its own."""
     if options.workers > 1 and sum(len(p.images) for p in patients) > 1:
@@ -248,7 +254,7 @@ def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options
 
     patients = _patients(input_dir, per_image, quiet)
     _prestart(weights, options, patients)
-    models = _models(weights, device, threads, quiet)
+    models = _models(weights, device, _main_threads(threads, options.workers, patients), quiet)
     pipeline = Pipeline(models, options)
     results = []
     try:
@@ -295,7 +301,7 @@ def _run_cohort(input_dir, per_image, weights, quiet, options, cfg, journal_path
         err.print(f"shard {shard[0]}/{shard[1]}: {len(patients)} of {len(everyone)} patient(s)")
     if cfg.engine == "local":
         _prestart(weights, options, patients)
-    models = _models(weights, Device(cfg.device), cfg.threads, quiet)
+    models = _models(weights, Device(cfg.device), _main_threads(cfg.threads, options.workers, patients), quiet)
     pipeline = Pipeline(models, options, on_field=review.on_field if review else None)
     if review:
         review.expect(patients)
@@ -445,7 +451,7 @@ def stress_test(
     truth_labels = _labels(labels, [p.name for p in patients]) if labels else labels_from_names([p.name for p in patients])
     if not any(v == 1 for v in truth_labels.values()):
         _fail("no ALL patient among the labels: recall is undefined; pass --labels with at least one ALL patient.", EXIT_USAGE)
-    models = _models(weights, device, threads, quiet)
+    models = _models(weights, device, _main_threads(threads, _workers(workers), patients), quiet)
     options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth, decode_workers=decode_workers,
                       workers=_workers(workers))
     review, by_condition = _review_collector(html, None), []
@@ -515,7 +521,7 @@ def detect(
 
     _check_output(out, "--out")
     patients = _patients(input_dir, per_image, quiet)
-    models = _models(weights, device, threads, quiet)
+    models = _models(weights, device, _main_threads(threads, _workers(workers), patients), quiet)
     pipeline = Pipeline(models, Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels,
                                         decode_workers=decode_workers, workers=_workers(workers)))
     buf = io.StringIO()
