@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Whole-process throughput against workers, the decode floor and the paper-style stack, in one run (issue 8).
 
-On the same fields (the first ``--fields`` ALL-IDB1 images; nothing copied: a temporary folder of links):
+On the same fields (nothing copied: a temporary folder of links):
+
+Fields: the first ``--fields`` ALL-IDB1 images of ``--size`` (default 2592x1944, as in the issue).
 
 1. decode floor: a full Pillow decode of each field, serially (one core) and over ``--cores`` threads (Pillow
    releases the GIL while decoding), as fields/s; with ``--device cuda`` also nvJPEG (batched
@@ -29,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -151,7 +152,8 @@ def append(row: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--fields", type=int, default=24, help="first N ALL-IDB1 fields")
+    ap.add_argument("--fields", type=int, default=24, help="first N ALL-IDB1 fields of --size")
+    ap.add_argument("--size", default="2592x1944", help="only fields of this WxH ('any': all sizes)")
     ap.add_argument("--baseline-fields", type=int, default=12, help="first N of those for the slow paper-style stack (0 = skip)")
     ap.add_argument("--cores", type=int, default=cores(), help="workers go 1..cores; decode threads for the floor and the baseline")
     ap.add_argument("--workers", default=None, help="comma list of worker counts (default 1..cores)")
@@ -159,7 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
-    paths = sorted((args.data / "ALL-IDB1" / "im").glob("*.jpg"))[: args.fields]
+    paths = sorted((args.data / "ALL-IDB1" / "im").glob("*.jpg"))
+    if args.size != "any":
+        w, h = (int(v) for v in args.size.lower().split("x"))
+        paths = [p for p in paths if _size(p) == (h, w)]
+    paths = paths[: args.fields]
     if not paths:
         raise SystemExit(f"{args.data}/ALL-IDB1/im: no images; pass --data")
     for p in paths:
