@@ -117,6 +117,13 @@ def load_models(
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{manifest_path}: not a valid manifest ({exc}); restore it from the release.") from exc
     providers, notice = resolve_providers(device)
+    if providers[0] == "CUDAExecutionProvider":
+        import onnxruntime as ort
+
+        try:  # CUDA/cuDNN from the nvidia-* pip packages, when they are there
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - absent (old onnxruntime) or nothing to preload: the session says what is missing
+            pass
     sessions: dict[str, Any] = {}
     digests: dict[str, str] = {}
     for role, name in MODEL_FILES.items():
