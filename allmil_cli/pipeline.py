@@ -337,10 +337,10 @@ class Pipeline(Execution):
                              features=X if opts.keep_features else None, **base)
 
     def run(self, patients: Iterable[Patient], on_done: Callable[[PatientResult], None] | None = None) -> Iterator[PatientResult]:
-        """Diagnose patients one by one (streamed), decoding upcoming files ahead in background threads."""
+        """Diagnose patients one by one (streamed); their files are read (or, with worker processes, analysed) ahead."""
         patients = list(patients)
-        self.prefetch(patients)
         try:
+            self.prefetch(patients)
             for patient in patients:
                 result = self.diagnose_patient(patient)
                 if on_done:
