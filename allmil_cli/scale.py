@@ -67,10 +67,14 @@ class FieldStats:
 SHARPNESS_RBC_PX = 16.0
 
 
-#: The thumbnail is resized in two steps: an integer box reduce (``Image.reduce``), then bilinear for the rest
-#: (Pillow's ``reducing_gap=1.0``, as the detector input does). 3x cheaper than a full bilinear
-#: downscale of a 2592x1944 field (~8 vs ~25 ms); rbc_px moved by at most THUMB_GAP_NOTE on ALL-IDB1 + BCCD.
-THUMB_REDUCING_GAP = 1.0
+#: Pillow ``reducing_gap`` of the thumbnail resize. None (the default): one full antialiased bilinear resize,
+#: the ruler every model and QC threshold was calibrated on. 1.0 (an integer box reduce, then bilinear, as the
+#: detector input does) is ~3x cheaper on a 2592x1944 field (~8 vs ~25 ms) but measured (issue 8, all 108
+#: ALL-IDB1 + 364 BCCD fields): rbc_px changed on 24/108 ALL-IDB1 fields (median 0 %, max 7.5 %; the ruler is a
+#: median of discrete radii, so a small change jumps one step), 0/364 BCCD; sharpness 3.4 % lower (median,
+#: max 20.5 %) on ALL-IDB1, anchor colours within 1 grey level. 2.0 still moved 2 of those 24 fields by up to
+#: 7.5 %; 3.0 moved none but saves nothing. Kept exact until protocol 2 and the blur threshold are re-measured.
+THUMB_REDUCING_GAP: float | None = None
 
 
 def thumbnail(rgb: np.ndarray) -> tuple[np.ndarray, float]:
