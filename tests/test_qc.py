@@ -76,3 +76,10 @@ def test_blurred_patient_is_never_called_normal(tmp_path):
     assert rows["clean"]["qc"] == "" and rows["clean"]["call"] == "normal"
     doc = {p["patient"]: p for p in json.loads(js.read_text())["patients"]}
     assert all(v["sharpness"] < 1.7 for v in doc["blurred"]["qc_details"]["fields"].values())
+
+
+def test_field_without_red_cells_raises_ruler_and_stain():
+    """A non-smear image (here a real field's grey levels only: no red cells, no colour) cannot be measured."""
+    grey = np.asarray(Image.fromarray(_fields()[0]).convert("L").convert("RGB"))
+    flags, info = field_flags(measure_field(grey))
+    assert "ruler" in flags and "stain" in flags, info
