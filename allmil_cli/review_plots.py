@@ -84,7 +84,7 @@ def stress_svg(rows: Sequence[dict]) -> str | None:
         return None
     fig = _figure(4.2, 3.2)
     ax = fig.add_subplot()
-    names = [CONDITION_NAMES.get(r["removed"], r["removed"]) for r in rows]
+    names = [CONDITION_NAMES.get(r["removed"], r["removed"]).replace(" removed", "\nremoved") for r in rows]
     recall = [100.0 * float(r["recall"]) for r in rows]
     colours = {"none": "#4d4d4d", "blasts": "#b2182b", "normals": "#2166ac"}
     bars = ax.bar(range(len(rows)), recall, color=[colours.get(r["removed"], "#777777") for r in rows], width=0.6)
