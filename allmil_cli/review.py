@@ -21,7 +21,7 @@ from typing import Any
 
 from allmil_cli import review_plots
 from allmil_cli.pipeline import PatientResult
-from allmil_cli.report import atomic_write
+from allmil_cli.report import write_report
 from allmil_cli.review_capture import CellThumb, FieldThumb, Gallery
 
 CSS = """
@@ -241,9 +241,8 @@ def build_page(results: Sequence[PatientResult], meta: dict[str, Any], galleries
 
 
 def write_page(path: str | Path, results: Sequence[PatientResult], meta: dict[str, Any], **kwargs: Any) -> int:
-    """Build the page and write it atomically; returns its size in bytes."""
+    """Build the page and write it atomically (``-``: to stdout); returns its size in bytes."""
     text = build_page(results, meta, **kwargs)
-    data = text.encode("utf-8")
-    atomic_write(Path(path), data)
-    return len(data)
+    write_report(path, text)
+    return len(text.encode("utf-8"))
 

@@ -147,6 +147,9 @@ def test_summary_table_fits_80_columns_and_two_lines_per_cell():
     assert max(spans) <= 2 and spans[0] == 2  # the long reason wraps once, then is cut
     assert "…" in body[1] and "…" in body[0]  # the cut reason and the cut 70-character name end in an ellipsis
     assert "[b]Ü[/b] ☃" in "\n".join(lines)  # user text is not read as rich markup
+    results[1].skipped = [{"file": "scan.pdf", "reason": "skipped: unsupported format ('.pdf')"}]
+    line = counts_line(results)
+    assert "3 insufficient" in line and "0 failed" in line and "1 file(s) skipped" in line
 
 
 def test_terminal_summary_from_the_cli_fits_80_columns(patients_dir, tiny_weights, tmp_path):
