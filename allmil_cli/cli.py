@@ -399,7 +399,10 @@ def diagnose(
     if json_out:
         write_report(json_out, report_json(results, meta, metrics))
     if review is not None:
-        _write_review(review, html, results, {**meta, "input": str(input_dir)}, quiet, metrics=metrics, labels=truth)
+        from allmil_cli.review import run_versions
+
+        _write_review(review, html, results, {**meta, **run_versions(models), "input": str(input_dir)}, quiet, metrics=metrics,
+                      labels=truth)
     if not quiet:
         _print_summary(results, pipeline, metrics)
         if str(out) != "-":
@@ -487,7 +490,9 @@ def stress_test(
         first = by_condition[:: len(conditions)]  # results come patient by patient, conditions in order
         calls = {r.patient: {c: (x.call if x.ok else x.status) for c, x in zip(conditions, by_condition[i * len(conditions):])}
                  for i, r in enumerate(first)}
-        meta = {**_meta(models, options, "stress-test"), "input": str(input_dir)}
+        from allmil_cli.review import run_versions
+
+        meta = {**_meta(models, options, "stress-test"), **run_versions(models), "input": str(input_dir)}
         _write_review(review, html, first, meta, quiet, stress_rows=rows, stress_calls=calls)
     raise typer.Exit(EXIT_OK)
 

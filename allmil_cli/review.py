@@ -73,14 +73,30 @@ def _label(r: PatientResult) -> str:
     return r.call if r.ok else r.status
 
 
+def run_versions(models: Any) -> dict[str, Any]:
+    """Model versions (``allmil.version`` metadata of each network) and the runtime, for the page's run table."""
+    import onnxruntime
+
+    versions = {}
+    for name in ("detector", "embedder", "aggregator"):
+        try:
+            versions[f"{name}.onnx"] = models.metadata(name).get("allmil.version", "?")
+        except Exception:  # noqa: BLE001 - a session without metadata still gets a page
+            versions[f"{name}.onnx"] = "?"
+    return {"models_version": versions, "runtime": f"onnxruntime {onnxruntime.__version__}"}
+
+
 def _run_info(meta: dict[str, Any]) -> str:
     rows = [("tool", meta.get("tool", "")), ("command", meta.get("command", "")), ("date (UTC)", meta.get("created", "")),
-            ("execution provider", meta.get("execution_provider", "")), ("input", meta.get("input", "")),
+            ("execution provider", meta.get("execution_provider", "")), ("runtime", meta.get("runtime", "")),
+            ("input", meta.get("input", "")),
             ("weights", meta.get("weights_dir", ""))]
     out = ["<table class='kv'>"]
     out += [f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows if v not in ("", None)]
+    versions = meta.get("models_version") or {}
     for name, digest in sorted((meta.get("models_sha256") or {}).items()):
-        out.append(f"<tr><td>sha256 {e(name)}</td><td><code>{e(digest)}</code></td></tr>")
+        v = f" (version {versions[name]})" if name in versions else ""
+        out.append(f"<tr><td>{e(name)}{e(v)}</td><td>sha256 <code>{e(digest)}</code></td></tr>")
     opts = meta.get("options") or {}
     shown = ", ".join(f"{k}={v}" for k, v in opts.items() if v is not None)
     out.append(f"<tr><td>options</td><td><code>{e(shown)}</code></td></tr></table>")
