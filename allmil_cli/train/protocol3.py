@@ -37,7 +37,7 @@ from allmil_cli.crops import crop_cells
 from allmil_cli.images import Field
 from allmil_cli.metrics import roc_auc
 from allmil_cli.models import load_models, write_manifest
-from allmil_cli.pipeline import Pipeline
+from allmil_cli.pipeline import MIN_CELLS_NORMAL, Pipeline
 from allmil_cli.scale import estimate_rbc_diameter
 from allmil_cli.train.augment import RECIPES
 from allmil_cli.train.data import load_rgb
@@ -198,6 +198,18 @@ def write_doc(fields: dict | None, pbc: dict | None, cmd: str) -> str:
                 lines.append(f"| {s} | {_pct(m['sensitivity'])} | {_pct(m['specificity'])} | {_pct(m['accuracy'])} | {m['auc']:.3f} | "
                              f"{_pct(m['blast_recall'])} | {_pct(m['blast_detected'])} | {_pct(m['normals_flagged'])} ({m['n_normals']}) | "
                              f"{m['cells_median']:.0f} |")
+            d = per.get("none")
+            if d:
+                y, p, n = np.asarray(d["y"]), np.asarray(d["p"]), np.asarray(d["n_cells"])
+                insufficient = (n < MIN_CELLS_NORMAL) & (p < PATIENT_THRESHOLD)
+                keep = ~insufficient
+                call = p[keep] >= PATIENT_THRESHOLD
+                yk = y[keep]
+                lines.append(f"\nWith the product's adequacy rule (a `normal` call needs >= {MIN_CELLS_NORMAL} cells), shift `none`: "
+                             f"{int(insufficient.sum())} of {len(y)} patients `insufficient` ({int((insufficient & (y == 1)).sum())} ALL, "
+                             f"{int((insufficient & (y == 0)).sum())} normal); on the other {int(keep.sum())}: sensitivity "
+                             f"{_pct(call[yk == 1].mean() if (yk == 1).any() else float('nan'))} %, specificity "
+                             f"{_pct((~call[yk == 0]).mean() if (yk == 0).any() else float('nan'))} %.")
     if pbc:
         for r, per in pbc.items():
             types = [t for t in PBC_TYPES if any(t in v for v in per.values())]
@@ -212,7 +224,8 @@ def write_doc(fields: dict | None, pbc: dict | None, cmd: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m allmil_cli.train.protocol3", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["fields", "pbc", "all"], nargs="?", default="all")
+    ap.add_argument("what", choices=["fields", "pbc", "all", "doc"], nargs="?", default="all",
+                    help="doc: rewrite the results document from the saved results")
     ap.add_argument("--recipes", nargs="+", default=["v1", "v2", "v2pbc"], choices=sorted(RECIPES))
     ap.add_argument("--limit", type=int, default=None, help="first N fields only (a quick look; not a result)")
     a = ap.parse_args(argv)
