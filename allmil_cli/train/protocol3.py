@@ -233,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
-    cmd = "python -m allmil_cli.train.protocol3 " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     fields_f, pbc_f = OUT / "fields.json", OUT / "pbc.json"
     fields = json.loads(fields_f.read_text()) if fields_f.exists() else {}
     pbc = json.loads(pbc_f.read_text()) if pbc_f.exists() else {}
@@ -246,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             if not RECIPES[r].pbc:
                 pbc[r] = run_pbc(r)
         pbc_f.write_text(json.dumps(pbc))
-    text = write_doc(fields, pbc, cmd)
+    text = write_doc(fields, pbc, "python -m allmil_cli.train.protocol3 all --recipes " + " ".join(fields or pbc))
     if not a.limit:
         DOC.write_text(text)
     print(text)
