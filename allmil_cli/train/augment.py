@@ -30,30 +30,21 @@ def colour_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def augmented_crop(rgb: np.ndarray, x: float, y: float, rbc_px: float, rng: np.random.Generator, size: int = CROP_SIZE) -> np.ndarray:
-    """One random rotation/flip/scale/translation re-cut of the ``crop_cells`` window, + colour jitter."""
+def _context(rgb: np.ndarray, x: float, y: float, rbc_px: float) -> tuple[np.ndarray, int, int]:
+    """The window around a cell that any augmented re-cut can reach (edge-replicated outside the field, as
+    ``crop_cells`` does): (window, its half side, the crop side), in field pixels."""
     side = max(8, int(round(CROP_RBC_RATIO * rbc_px)))
-    half_ctx = int(math.ceil(side * 0.95))
-    x0, y0 = int(round(x)) - half_ctx, int(round(y)) - half_ctx
+    half = int(math.ceil(side * 0.95))
     h, w = rgb.shape[:2]
-    # context window with edge replication outside the field (as crop_cells does)
-    ys = np.clip(np.arange(y0, y0 + 2 * half_ctx), 0, h - 1)
-    xs = np.clip(np.arange(x0, x0 + 2 * half_ctx), 0, w - 1)
-    ctx = rgb[ys[:, None], xs[None, :]]
-    cx, cy = half_ctx + (x - round(x)), half_ctx + (y - round(y))  # the cell centre in the context
-    theta = rng.uniform(0, 2 * math.pi)
-    s = side * rng.uniform(0.85, 1.15) / size
-    tx, ty = rng.uniform(-0.06, 0.06, 2) * side
-    flip = -1.0 if rng.random() < 0.5 else 1.0
-    c, sn = math.cos(theta), math.sin(theta)
-    # output (u, v) -> source: centre + R * S * F * (u - size/2, v - size/2) + t
-    a, b = c * s * flip, -sn * s
-    d, e = sn * s * flip, c * s
-    u0 = v0 = size / 2.0
-    cc = cx + tx - a * u0 - b * v0
-    ff = cy + ty - d * u0 - e * v0
-    im = Image.fromarray(np.ascontiguousarray(ctx)).transform((size, size), Image.AFFINE, (a, b, cc, d, e, ff), resample=Image.BILINEAR)
-    return colour_jitter(np.asarray(im), rng)
+    ys = np.clip(np.arange(int(round(y)) - half, int(round(y)) + half), 0, h - 1)
+    xs = np.clip(np.arange(int(round(x)) - half, int(round(x)) + half), 0, w - 1)
+    return rgb[ys[:, None], xs[None, :]], half, side
+
+
+def augmented_crop(rgb: np.ndarray, x: float, y: float, rbc_px: float, rng: np.random.Generator, size: int = CROP_SIZE) -> np.ndarray:
+    """One random rotation/flip/scale/translation re-cut of the ``crop_cells`` window, + colour jitter (recipe v1)."""
+    ctx, half, side = _context(rgb, x, y, rbc_px)
+    return colour_jitter(_affine_recut(ctx, half + (x - round(x)), half + (y - round(y)), side, rng, size), rng)
 
 
 def cell_views(rgb: np.ndarray, cells: list[Cell], n_aug: int, rng: np.random.Generator) -> np.ndarray:
@@ -115,12 +106,8 @@ def _domain_view(rgb: np.ndarray, cells: list[Cell], rng: np.random.Generator, t
             smap = stain_map(FieldStats(rbc * f, **colours))
     out = np.empty((len(cells), CROP_SIZE, CROP_SIZE, 3), np.uint8)
     for i, c in enumerate(cells):
-        side = max(8, int(round(CROP_RBC_RATIO * rbc)))
-        half = int(math.ceil(side * 0.95))
-        h, w = rgb.shape[:2]
-        ys = np.clip(np.arange(int(round(c.y)) - half, int(round(c.y)) + half), 0, h - 1)
-        xs = np.clip(np.arange(int(round(c.x)) - half, int(round(c.x)) + half), 0, w - 1)
-        ctx = stain(rgb[ys[:, None], xs[None, :]])
+        ctx, half, side = _context(rgb, c.x, c.y, rbc)
+        ctx = stain(ctx)
         if sigma > 0.3:
             ctx = blur(ctx, sigma)
         if f < 0.98:
@@ -160,7 +147,8 @@ def _apply_lut(lut: np.ndarray):
 
 def _affine_recut(ctx: np.ndarray, cx: float, cy: float, side: float, rng: np.random.Generator,
                   size: int = CROP_SIZE) -> np.ndarray:
-    """Rotation / flip / scale +-15 % / translation +-6 % re-cut of a ``side``-pixel window centred at (cx, cy)."""
+    """Rotation / flip / scale +-15 % / translation +-6 % re-cut of a ``side``-pixel window centred at (cx, cy):
+    output pixel (u, v) samples ``centre + R * S * F * (u - size/2, v - size/2) + t`` (no shear)."""
     theta = rng.uniform(0, 2 * math.pi)
     s = side * rng.uniform(0.85, 1.15) / size
     tx, ty = rng.uniform(-0.06, 0.06, 2) * side
