@@ -80,7 +80,10 @@ def _connect(ray: Any, cfg: EngineConfig) -> bool:
             ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
         where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "a local Ray cluster"
-        raise EngineError(f"cannot start or join {where} ({exc}); check --ray-address (ray status shows it).") from exc
+        hint = ("; if the cluster uses token authentication (Ray's default), also set RAY_AUTH_MODE=token, with the "
+                "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token") if cfg.ray_address not in (None, "auto") else ""
+        raise EngineError(f"cannot start or join {where} ({_first_line(exc)}); check --ray-address (ray status shows it)"
+                          f"{hint}.") from exc
     return True
 
 

@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     from allmil_cli import __version__
 
     set_name, fields = pick_fields(args.data, args.patients)
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory(prefix="allmil-bench-engines-") as tmp:
         root = Path(tmp) / "patients"
         for i, f in enumerate(fields):
@@ -106,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         base = [sys.executable, "-m", "allmil_cli", "diagnose", str(root), "--quiet"]
         ray.init(num_cpus=args.workers, include_dashboard=False, object_store_memory=128 * 1024**2, logging_level="WARNING")
         address = ray.get_runtime_context().gcs_address
+        # built after ray.init: it carries RAY_AUTH_MODE=token, which a driver joining by address needs
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
         engines = {
             "local": ["--engine", "local"],
             "ray (own cluster)": ["--engine", "ray", "--workers", str(args.workers)],
@@ -120,13 +121,16 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"repeat {rep + 1}: {name:28s} {walls[name][-1]:7.2f} s", flush=True)
         finally:
             ray.shutdown()
+        journal_kb = (Path(tmp) / "local-0.journal.jsonl").stat().st_size / 1024 / args.patients
         reference = (Path(tmp) / "local-0.csv").read_bytes()
         for name in engines:
             for rep in range(args.repeats):
                 if (Path(tmp) / f"{name.split()[0]}-{rep}.csv").read_bytes() != reference:
                     raise SystemExit(f"{name} repeat {rep + 1}: report differs from the local engine's")
     best = {k: min(v) for k, v in walls.items()}
-    print(f"\n{args.patients} one-field patients ({set_name}), best of {args.repeats}; reports identical across engines")
+    print(f"\n{args.patients} one-field patients ({set_name}), best of {args.repeats}; reports identical across engines; "
+          f"journal {journal_kb:.1f} kB per patient")
+    note = "; ".join(x for x in (f"journal {journal_kb:.1f} kB/patient", args.note) if x)
     rows = []
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     machine = f"{cpu_name()}, {os.cpu_count()} cores"
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({(ratio - 1) * 100:+.1f} %)")
         workers = "default" if name == "local" else str(args.workers)
         rows.append(f"| {stamp} | {machine} | {versions} | {set_name} | {args.patients} x 1 | {name} | {workers} | "
-                    f"{wall:.2f} ({args.repeats}) | {args.patients / wall:.2f} | {(ratio - 1) * 100:+.1f} % | {args.note} |\n")
+                    f"{wall:.2f} ({args.repeats}) | {args.patients / wall:.2f} | {(ratio - 1) * 100:+.1f} % | {note} |\n")
     if not args.no_record:
         record(rows)
         print(f"appended {len(rows)} rows to {RESULTS}")
