@@ -133,8 +133,11 @@ class Contents:
         self.header: dict[str, Any] = {}
         self.n_planned: int | None = None
         self.patients: dict[str, tuple[str, PatientResult]] = {}
-        self.good_lines: list[bytes] = []  # header, plans and patient lines that parsed, in file order
-        self.dropped = 0  # lines cut short or unparsable
+        self.bad_lines: set[int] = set()  # line numbers cut short or unparsable (dropped)
+
+    @property
+    def dropped(self) -> int:
+        return len(self.bad_lines)
 
     @property
     def results(self) -> list[PatientResult]:
@@ -142,48 +145,43 @@ class Contents:
 
 
 def read_journal(path: Path) -> Contents:
-    """Parse a journal, dropping a line cut short by a kill (and any other unparsable line)."""
+    """Parse a journal line by line, dropping a line cut short by a kill (and any other unparsable line)."""
+    c = Contents()
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f):
+                if not _take(c, i, raw, path):
+                    c.bad_lines.add(i)
     except OSError as exc:
         raise JournalError(f"{path}: cannot read the journal ({exc.strerror or exc}).") from exc
-    lines = data.split(b"\n")
-    c = Contents()
-    for i, raw in enumerate(lines):
-        complete = i < len(lines) - 1  # the last piece has no newline: cut short (or empty)
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw) if complete else None
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict):
-            if i == 0:
-                raise JournalError(f"{path}: not an allmil journal (its first line is not a journal header).")
-            c.dropped += 1
-            continue
-        if i == 0:
-            if "allmil_journal" not in obj:
-                raise JournalError(f"{path}: not an allmil journal (no header line); pass another --out or --journal.")
-            c.header = obj
-        elif "plan" in obj:
-            c.n_planned = int(obj["plan"]["n_patients"])
-        elif "patient" in obj:
-            try:
-                r = result_from_dict(obj["patient"])
-            except (KeyError, TypeError, ValueError, IndexError):
-                c.dropped += 1
-                continue
-            c.patients[r.patient] = (str(obj.get("key", r.patient)), r)
-        else:
-            c.dropped += 1
-            continue
-        c.good_lines.append(raw)
     if not c.header:
         raise JournalError(f"{path}: empty or not an allmil journal; remove it or pass another --out/--journal.")
-    if "n_patients" in c.header.get("plan", {}) and c.n_planned is None:
-        c.n_planned = int(c.header["plan"]["n_patients"])
     return c
+
+
+def _take(c: Contents, i: int, raw: bytes, path: Path) -> bool:
+    """Add one journal line to ``c``; False when it is cut short or unreadable (to be dropped)."""
+    try:  # a line without its newline was cut short by a kill, even when what is there parses
+        obj = json.loads(raw) if raw.endswith(b"\n") else None
+    except ValueError:
+        obj = None
+    if i == 0:
+        if not isinstance(obj, dict) or "allmil_journal" not in obj:
+            raise JournalError(f"{path}: not an allmil journal (its first line is not a journal header); "
+                               "pass another --out or --journal.")
+        c.header = obj
+        return True
+    if isinstance(obj, dict) and "plan" in obj:
+        c.n_planned = int(obj["plan"]["n_patients"])
+        return True
+    if isinstance(obj, dict) and "patient" in obj:
+        try:
+            r = result_from_dict(obj["patient"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            return False
+        c.patients[r.patient] = (str(obj.get("key", r.patient)), r)
+        return True
+    return not raw.strip()  # blank lines are harmless
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -243,8 +241,8 @@ class Journal:
             )
         if contents.dropped:
             tmp = path.with_name(f".{path.name}.new")
-            with open(tmp, "wb") as f:
-                f.write(b"".join(line + b"\n" for line in contents.good_lines))
+            with open(path, "rb") as src, open(tmp, "wb") as f:
+                f.writelines(line for i, line in enumerate(src) if i not in contents.bad_lines)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
