@@ -70,7 +70,7 @@ def fold_model(cells: list[Cell], fc: dict, train_mask: np.ndarray, cfg: TrainCo
     """Train (or load from .cache/cells/models) the head + aggregator on the masked cells."""
     import torch
 
-    from allmil_cli.train.cells import make_modules
+    from allmil_cli.train.mil import make_modules
 
     torch.set_num_threads(1)
     cd = asdict(cfg)
@@ -89,7 +89,7 @@ def fold_model(cells: list[Cell], fc: dict, train_mask: np.ndarray, cfg: TrainCo
     else:
         labels = np.array([c.label for c in cells])
         t = time.time()
-        from allmil_cli.train.cells import sample_weights
+        from allmil_cli.train.mil import sample_weights
 
         w = sample_weights(cells, cfg)[train_mask]
         head, agg = train(feats[train_mask], labels[train_mask], fc["blank"], cfg, verbose=verbose, weights=w)
@@ -112,7 +112,7 @@ def det_features(backbone: str, fold: int, names: list[str], det_path: Path, rec
         z = np.load(f, allow_pickle=True)
         return z["data"].item()
     from allmil_cli.train.backbones import build_backbone
-    from allmil_cli.train.cells import backbone_features
+    from allmil_cli.train.features import backbone_features
 
     bb = build_backbone(backbone)
     so = ort.SessionOptions()
