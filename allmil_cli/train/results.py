@@ -13,7 +13,7 @@ DOC = REPO / "docs" / "classifier_results.md"
 
 
 SECTIONS = ["summary", "protocol2", "protocol2_avg", "protocol2_gt", "combine", "combine_gt", "protocol1", "stress", "cells", "backbone", "counts", "stage1",
-            "length", "export-check", "final"]
+            "length", "export-check", "final", "v1_history"]
 
 
 def save_section(name: str, text: str, data: dict | None = None) -> None:
