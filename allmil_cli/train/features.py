@@ -54,6 +54,8 @@ def feature_cache(backbone_name: str, n_aug: int, cells: list[Cell], weights_fil
             return {"keys": keys, "feats": z["feats"], "blank": z["blank"]}
         zf = z["feats"]
         have = {k: zf[i] for i, k in enumerate(zk)}
+        if all(k in have for k in keys):
+            return {"keys": keys, "feats": np.stack([have[k] for k in keys]), "blank": z["blank"]}
     from allmil_cli.train.backbones import build_backbone, feature_dim
 
     dim = feature_dim(backbone_name)
@@ -79,5 +81,9 @@ def feature_cache(backbone_name: str, n_aug: int, cells: list[Cell], weights_fil
             print(f"  features {backbone_name}: {done}/{sum(map(len, order.values()))} new cells, {time.time() - t0:.0f}s", flush=True)
     blank = backbone_features(bb, blank_crop())[0].astype(np.float32)
     CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(f, keys=np.array(keys), feats=feats, blank=blank)
+    # keep the cached cells this call did not ask for (recipes that differ in their cells share the file)
+    kept = [k for k in have if k not in set(keys)]
+    all_keys = keys + kept
+    all_feats = np.concatenate([feats, np.stack([have[k] for k in kept])]) if kept else feats
+    np.savez(f, keys=np.array(all_keys), feats=all_feats, blank=blank)
     return {"keys": keys, "feats": feats, "blank": blank}
