@@ -170,11 +170,14 @@ def run_pbc(recipe: str, shifts: list[Shift] = STAIN_SHIFTS, verbose: bool = Tru
     for i, c in enumerate(cells):
         rgb = load_rgb(Path(c.path))
         kind = c.key.split("/")[1]
+        crops = []
         for s in shifts:
             img, _ = s.apply(rgb, c.rbc_px)
             stats = pl.measure(img)
             crop = crop_cells(img, np.array([[img.shape[1] / 2.0, img.shape[0] / 2.0]]), stats.rbc_px)
-            score = float(pl.aggregator.cell_scores(pl.embedder.embed(pl.embedder.normalise(crop, stats)))[0])
+            crops.append(pl.embedder.normalise(crop, stats))
+        scores = pl.aggregator.cell_scores(pl.embedder.embed(np.concatenate(crops)))  # one batch: every shift of the cell
+        for s, score in zip(shifts, scores):
             n_flag = out[s.name].setdefault(kind, [0, 0, 0])  # flagged at 0.5, cells, flagged at the shipped threshold
             n_flag[0] += int(score >= CELL_THRESHOLD)
             n_flag[1] += 1
