@@ -21,7 +21,7 @@ consistency matters. Override with ``--cell-size`` / ``rbc_px=`` when an image d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -58,9 +58,6 @@ class FieldStats:
     rbc_rgb: tuple[float, float, float] = (200.0, 120.0, 130.0)
     sharpness: float = float("nan")
     measured: bool = True
-
-    def with_rbc_px(self, rbc_px: float) -> "FieldStats":
-        return replace(self, rbc_px=float(rbc_px))
 
 
 #: Red cells are resampled to this many pixels before the sharpness measure.
