@@ -233,6 +233,24 @@ def write_doc(fields: dict | None, pbc: dict | None, cmd: str) -> str:
                              f"{int((insufficient & (y == 0)).sum())} normal); on the other {int(keep.sum())}: sensitivity "
                              f"{_pct(call[yk == 1].mean() if (yk == 1).any() else float('nan'))} %, specificity "
                              f"{_pct((~call[yk == 0]).mean() if (yk == 0).any() else float('nan'))} %.")
+    if fields:
+        from allmil_cli.train.thresholds import pick_threshold_margin
+
+        names = list(next(iter(fields.values())))
+        thr = {r: pick_threshold_margin(np.asarray(per["none"]["y"]), np.asarray(per["none"]["p"])) for r, per in fields.items()}
+        lines.append("\n## Sensitivity / specificity % at each recipe's own operating point\n")
+        lines.append("The threshold of each recipe is the shipped rule (`pick_threshold_margin`) applied to its unshifted "
+                     "out-of-fold predictions (shift `none`), so the `none` row is optimistic; the shifted rows use a threshold "
+                     "that never saw shifted data. Thresholds: " + ", ".join(f"`{r}` {t:.3f}" for r, t in thr.items()) + ".\n")
+        lines.append("| shift | " + " | ".join(f"`{r}`" for r in fields) + " |")
+        lines.append("|---" * (len(fields) + 1) + "|")
+        for sname in names:
+            cells = []
+            for r, per in fields.items():
+                y, pp = np.asarray(per[sname]["y"]), np.asarray(per[sname]["p"])
+                c = pp >= thr[r]
+                cells.append(f"{_pct(c[y == 1].mean())} / {_pct((~c[y == 0]).mean())}")
+            lines.append(f"| {sname} | " + " | ".join(cells) + " |")
     if pbc:
         for r, per in pbc.items():
             types = [t for t in PBC_TYPES if any(t in v for v in per.values())]
