@@ -461,6 +461,7 @@ TRAIN_STAGES = {
     "detector": "allmil_cli.train.detector",
     "cells": "allmil_cli.train.cells",
     "evaluate": "allmil_cli.train.evaluate",
+    "protocol3": "allmil_cli.train.protocol3",
     "all": "allmil_cli.train.run_all",
 }
 
@@ -471,7 +472,7 @@ TRAIN_STAGES = {
 )
 def train(
     ctx: typer.Context,
-    stage: Annotated[str, typer.Argument(help="detector | cells | evaluate | all | manifest", show_default=False)] = "",
+    stage: Annotated[str, typer.Argument(help="detector | cells | evaluate | protocol3 | all | manifest", show_default=False)] = "",
 ) -> None:
     """Train, evaluate and export the models (needs torch: pip install '.\\[train]').
 
