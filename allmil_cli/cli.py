@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from contextlib import closing
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
@@ -25,8 +26,7 @@ from rich.table import Table
 
 from allmil_cli import __version__
 from allmil_cli.cli_support import (
-    EXIT_INTERRUPTED,
-    EXIT_MODEL,
+    _run_guard,
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
@@ -219,7 +219,6 @@ def stress_test(
         allmil stress-test ALL-IDB1/im --per-image --truth ALL-IDB1/xyc --out stress.csv
     """
     from allmil_cli.labels import labels_from_names
-    from allmil_cli.parallel import WorkerStartError
     from allmil_cli.pipeline import Options
     from allmil_cli.report import atomic_write
     from allmil_cli.stress import run_stress_test
@@ -237,21 +236,15 @@ def stress_test(
     options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth, decode_workers=decode_workers,
                       workers=_workers(workers))
     review, by_condition = _review_collector(html, None), []
-    try:
-        with _progress(len(patients) * len(conditions), quiet, "stress-test") as tick:
-            def done(r) -> None:
-                by_condition.append(r)
-                if review:
-                    review.finish(r)
-                tick(r.patient)
+    with _run_guard(), _progress(len(patients) * len(conditions), quiet, "stress-test") as tick:
+        def done(r) -> None:
+            by_condition.append(r)
+            if review:
+                review.finish(r)
+            tick(r.patient)
 
-            rows = run_stress_test(models, patients, truth_labels, conditions, options, on_done=done,
-                                   on_field=review.on_field if review else None)
-    except WorkerStartError as exc:
-        _fail(str(exc), EXIT_MODEL)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]: no report written.")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        rows = run_stress_test(models, patients, truth_labels, conditions, options, on_done=done,
+                               on_field=review.on_field if review else None)
     table = Table(title="stress test (recall on ALL patients)", title_justify="left")
     for col in ("removed", "recall", "ALL called", "ALL patients", "specificity", "cells kept"):
         table.add_column(col)
@@ -299,7 +292,6 @@ def detect(
 
         allmil detect ./patients --out detections.csv --crops ./crops
     """
-    from allmil_cli.parallel import WorkerStartError
     from allmil_cli.pipeline import Options, Pipeline
     from allmil_cli.report import write_report
 
@@ -312,32 +304,24 @@ def detect(
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["patient", "image", "x0", "y0", "x1", "y1", "cx", "cy", "score"])
     problems = 0
-    try:
+    with _run_guard(), closing(pipeline), _progress(len(patients), quiet, "detect") as tick:
         pipeline.prefetch(patients, mode="detect+crops" if crops is not None else "detect")
-        with _progress(len(patients), quiet, "detect") as tick:
-            for patient in patients:
-                images, cells, crop_arrays = pipeline.detect_patient(patient, with_crops=crops is not None)
-                for c in cells:
-                    w.writerow([patient.name, c.image, *(f"{v:.1f}" for v in c.box), f"{c.x:.1f}", f"{c.y:.1f}", f"{c.det_score:.4f}"])
-                for img in images:
-                    if img.status != "ok":
-                        problems += 1
-                        if not quiet:
-                            err.print(f"[yellow]skipped:[/] {escape(img.reason)}", soft_wrap=True)
-                if not patient.images:
+        for patient in patients:
+            images, cells, crop_arrays = pipeline.detect_patient(patient, with_crops=crops is not None)
+            for c in cells:
+                w.writerow([patient.name, c.image, *(f"{v:.1f}" for v in c.box), f"{c.x:.1f}", f"{c.y:.1f}", f"{c.det_score:.4f}"])
+            for img in images:
+                if img.status != "ok":
                     problems += 1
                     if not quiet:
-                        err.print(f"[yellow]empty:[/] {escape(str(patient.folder))} holds no image.", soft_wrap=True)
-                if crops is not None and crop_arrays:
-                    _save_crops(crops, patient.name, cells, crop_arrays)
-                tick(patient.name)
-    except WorkerStartError as exc:
-        _fail(str(exc), EXIT_MODEL)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]: no report written.")
-        raise typer.Exit(EXIT_INTERRUPTED)
-    finally:
-        pipeline.close()
+                        err.print(f"[yellow]skipped:[/] {escape(img.reason)}", soft_wrap=True)
+            if not patient.images:
+                problems += 1
+                if not quiet:
+                    err.print(f"[yellow]empty:[/] {escape(str(patient.folder))} holds no image.", soft_wrap=True)
+            if crops is not None and crop_arrays:
+                _save_crops(crops, patient.name, cells, crop_arrays)
+            tick(patient.name)
     write_report(out, buf.getvalue())
     raise typer.Exit(EXIT_OK if problems == 0 else EXIT_PARTIAL)
 

@@ -35,6 +35,20 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+@contextmanager
+def _run_guard(where: str = "") -> Iterator[None]:
+    """Around a run: worker processes that cannot start -> exit 3; Ctrl-C -> exit 130, no report written."""
+    from allmil_cli.parallel import WorkerStartError
+
+    try:
+        yield
+    except WorkerStartError as exc:
+        _fail(str(exc), EXIT_MODEL)
+    except KeyboardInterrupt:
+        err.print(f"[red]interrupted[/]: no report written{escape(where)}.")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
 def _check_output(path: Optional[Path | str], flag: str) -> None:
     if path is None or str(path) == "-":
         return
@@ -181,7 +195,6 @@ def _prestart(weights: Optional[Path], options, patients) -> None:
 
 
 def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, what: str):
-    from allmil_cli.parallel import WorkerStartError
     from allmil_cli.pipeline import Pipeline
 
     patients = _patients(input_dir, per_image, quiet)
@@ -189,16 +202,10 @@ def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options
     models = _models(weights, device, _main_threads(threads, options.workers, patients), quiet)
     pipeline = Pipeline(models, options)
     results = []
-    try:
-        with _progress(len(patients), quiet, what) as tick:
-            for result in pipeline.run(patients):
-                results.append(result)
-                tick(result.patient)
-    except WorkerStartError as exc:
-        _fail(str(exc), EXIT_MODEL)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]: no report written.")
-        raise typer.Exit(EXIT_INTERRUPTED)
+    with _run_guard(), _progress(len(patients), quiet, what) as tick:
+        for result in pipeline.run(patients):
+            results.append(result)
+            tick(result.patient)
     return patients, models, pipeline, results
 
 
@@ -216,7 +223,6 @@ def _run_cohort(input_dir, per_image, weights, quiet, options, cfg, journal_path
     from allmil_cli.cohort import check_engine, run_cohort
     from allmil_cli.engine import EngineError, fingerprint
     from allmil_cli.journal import JournalError
-    from allmil_cli.parallel import WorkerStartError
     from allmil_cli.pipeline import Pipeline
     from allmil_cli.shard import ShardError, parse_shard, select, sort_key
 
@@ -240,20 +246,15 @@ def _run_cohort(input_dir, per_image, weights, quiet, options, cfg, journal_path
     meta = _meta(models, replace(options, threshold=pipeline.threshold), "diagnose")
     fp = fingerprint(models, options, pipeline.threshold, per_image, shard)
     keys = {p.name: sort_key(p, input_dir, per_image) for p in patients}
+    where = f"; the finished patients are in {journal_path}: rerun with --resume to go on" if journal_path else ""
     try:
-        with _progress(len(patients), quiet, "diagnose") as tick:
+        with _run_guard(where), _progress(len(patients), quiet, "diagnose") as tick:
             run = run_cohort(patients, keys, pipeline, cfg, journal_path=journal_path, resume=resume, fp=fp, meta=meta,
                              on_result=lambda r: (review and review.finish(r), tick(r.patient)), on_resumed=lambda n: [tick("") for _ in range(n)])
     except JournalError as exc:
         _fail(str(exc), EXIT_USAGE)
     except EngineError as exc:
         _fail(str(exc), EXIT_USAGE)
-    except WorkerStartError as exc:
-        _fail(str(exc), EXIT_MODEL)
-    except KeyboardInterrupt:
-        where = f"; the finished patients are in {journal_path}: rerun with --resume to go on" if journal_path else ""
-        err.print(f"[red]interrupted[/]: no report written{escape(where)}.")
-        raise typer.Exit(EXIT_INTERRUPTED)
     if not quiet:
         for note in run.notes:
             err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
