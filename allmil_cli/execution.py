@@ -58,7 +58,7 @@ class Execution:
             raise
         except Exception as exc:  # noqa: BLE001 - an unexpected decoder failure is this file's problem only
             raise ImageError(f"{path}: unexpected error while reading ({exc}); re-export the image.") from exc
-        return [(f, self.measure(f.rgb)) for f in fields], notes
+        return [(f, self.measure(f.rgb, f.shrinker())) for f in fields], notes
 
     def _fetch(self, path: Path) -> tuple[list[tuple[Field, FieldStats]], list[str]]:
         return self._ahead.fetch(path)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from allmil_cli.resample import Shrinker
+
 #: Formats read as smear fields; WebP joins when this Pillow build has it.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"} | ({".webp"} if features.check("webp") else set()))
 #: Operating-system clutter, skipped and listed as "hidden or system file".
@@ -50,10 +52,24 @@ class Field:
     path: Path
     page: int
     rgb: np.ndarray
+    _shrinker: Shrinker | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def label(self) -> str:
         return self.path.name if self.page == 0 else f"{self.path.name}#{self.page}"
+
+    def shrinker(self) -> Shrinker:
+        """This field's shared downscales (:mod:`allmil_cli.resample`): made once for the ruler and the detector."""
+        if self._shrinker is None:
+            self._shrinker = Shrinker(self.rgb)
+        return self._shrinker
+
+    def release(self) -> None:
+        """Drop the shared downscales (their memory) once the field is measured and detected."""
+        self._shrinker = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shrinker": None}  # never shipped between processes
 
 
 def _is_image(path: Path) -> bool:

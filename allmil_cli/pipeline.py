@@ -28,6 +28,7 @@ from allmil_cli.labels import read_points
 from allmil_cli.models import Models
 from allmil_cli.qc import describe, patient_qc
 from allmil_cli.parallel import LOOKAHEAD_PER_WORKER, FieldOutcome, FileOutcome, ProcessPool, StageTimer, ThreadLookahead
+from allmil_cli.resample import Shrinker
 from allmil_cli.scale import FieldStats, measure_field
 
 REMOVE_CHOICES = ("none", "blasts", "normals")
@@ -147,20 +148,22 @@ class Pipeline(Execution):
             self.use_gpu("cuda")
 
     # -- one field -----------------------------------------------------------------------------
-    def measure(self, rgb: np.ndarray) -> FieldStats:
-        """The field's ruler (red-cell diameter, ``Options.cell_size`` when given), anchor colours and sharpness."""
+    def measure(self, rgb: np.ndarray, shrinker: Shrinker | None = None) -> FieldStats:
+        """The field's ruler (red-cell diameter, ``Options.cell_size`` when given), anchor colours and sharpness
+        (``shrinker``: the field's shared downscales, :meth:`allmil_cli.images.Field.shrinker`)."""
         t = time.perf_counter()
-        stats = measure_field(rgb, float(self.options.cell_size) if self.options.cell_size else None)
+        stats = measure_field(rgb, float(self.options.cell_size) if self.options.cell_size else None, shrinker)
         self.timer.add("scale", t)
         return stats
 
     def locate_cells(self, fld: Field, stats: FieldStats | None = None) -> tuple[list[Cell], FieldStats]:
         """WBC detection on one decoded field (``stats``: its measure; taken when None)."""
         rgb = fld.rgb
-        stats = self.measure(rgb) if stats is None else stats
+        stats = self.measure(rgb, fld.shrinker()) if stats is None else stats
         rbc_px = stats.rbc_px
         t = time.perf_counter()
-        dets = detect_cells(self.models.detector, rgb, rbc_px, self.options.detect_threshold)
+        dets = detect_cells(self.models.detector, rgb, rbc_px, self.options.detect_threshold, fld.shrinker())
+        fld.release()
         self.timer.add("detect", t)
         cells = [
             Cell(image=fld.label, x=float(d.x), y=float(d.y), box=cell_box(rgb, d.x, d.y, rbc_px), det_score=float(d.score))
