@@ -1,5 +1,5 @@
 """What every ``allmil`` command does around the library: check outputs, find patients, load models, show
-progress, run the pipeline or a cohort engine, and print the summary. Used by ``cli.py`` only."""
+progress, run the pipeline or a cohort engine, and print the summary. Used by the ``cli*.py`` modules only."""
 
 from __future__ import annotations
 
@@ -262,6 +262,3 @@ def _run_cohort(input_dir, per_image, weights, quiet, options, cfg, journal_path
             redo = f", {run.n_redone} cut-short journal line(s) dropped and redone" if run.n_redone else ""
             err.print(f"resumed {run.n_resumed} of {len(patients)} patient(s) from {run.journal}{redo}")
     return patients, models, pipeline, run.results
-
-
-# ---- diagnose -----------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ model's own per-cell blast score.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable, Sequence
 
 from allmil_cli.images import Field, Patient
@@ -64,3 +66,21 @@ def run_stress_test(
             }
         )
     return rows
+
+
+def rows_csv(rows: Sequence[dict]) -> str:
+    """:func:`run_stress_test`'s rows as CSV text, one row per condition."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def calls_by_patient(results: Sequence[PatientResult], conditions: Sequence[str]) -> tuple[list[PatientResult], dict[str, dict[str, str]]]:
+    """From ``on_done``'s results (patients in order, conditions in order): each patient's result under the first
+    condition, and per patient its call (or status, when not ok) under every condition."""
+    first = list(results[:: len(conditions)])
+    calls = {r.patient: {c: (x.call if x.ok else x.status) for c, x in zip(conditions, results[i * len(conditions):])}
+             for i, r in enumerate(first)}
+    return first, calls

@@ -18,7 +18,6 @@ number of patients, each count in a fresh subprocess). A dated row per image set
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -27,158 +26,43 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from baseline import BASELINE_STAGES, Baseline, run_baseline
+from common import (
+    DEFAULT_DATA,
+    SETS,
+    Phase,
+    cpu_model,
+    decode_draft,
+    decode_full,
+    gpu_name,
+    list_images,
+    md_table,
+    measured,
+    mib,
+    peak_rss_mib,
+    version_of,
+)
 
-from allmil_cli import __version__ as ALLMIL_VERSION  # noqa: E402
-from allmil_cli.crops import crop_cells  # noqa: E402
-from allmil_cli.images import Patient  # noqa: E402
-from allmil_cli.models import Models, default_weights_dir, load_models  # noqa: E402
-from allmil_cli.pipeline import Options, Pipeline, PatientResult, StageTimer  # noqa: E402
-from allmil_cli.report import csv_text, report_json  # noqa: E402
+# importing common put this checkout first on sys.path: allmil_cli below is this tree's
+from allmil_cli import __version__ as ALLMIL_VERSION
+from allmil_cli.crops import crop_cells
+from allmil_cli.images import Patient
+from allmil_cli.models import Models, default_weights_dir, load_models
+from allmil_cli.pipeline import Options, Pipeline, PatientResult, StageTimer
+from allmil_cli.report import csv_text, report_json
 
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SETS = {"all-idb1": ("ALL-IDB1", "ALL-IDB1/im"), "bccd": ("BCCD", "BCCD/JPEGImages")}
 ALLMIL_STAGES = ("decode", "scale", "detect", "crop", "embed", "aggregate", "report")
-BASELINE_STAGES = ("decode", "detect", "crop", "embed", "aggregate")
-BASELINE_CROPS = 10
 
 
-# ---- small helpers ----------------------------------------------------------------------------
-def mib(kib: float) -> float:
-    return kib / 1024.0
-
-
-def _status_kib(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where not supported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float:
-    """Peak RSS since the last :func:`reset_peak_rss` (VmHWM), else ru_maxrss of the whole process."""
-    hwm = _status_kib("VmHWM")
-    return mib(hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def rss_mib() -> float:
-    now = _status_kib("VmRSS")
-    return mib(now) if now is not None else float("nan")
-
-
-@dataclass
-class Phase:
-    """Wall-clock and memory of one phase (one engine on one image set)."""
-
-    name: str
-    per_field_s: list[float] = field(default_factory=list)
-    total_s: float = 0.0
-    cells: int = 0
-    stages: dict[str, float] = field(default_factory=dict)
-    rss_start_mib: float = float("nan")
-    rss_peak_mib: float = float("nan")
-    per_path_s: dict[Path, float] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return len(self.per_field_s)
-
-    def ms(self, q: float | None = None) -> float:
-        if not self.per_field_s:
-            return float("nan")
-        a = np.asarray(self.per_field_s) * 1e3
-        return float(a.mean() if q is None else np.percentile(a, q))
-
-    def fields_per_s(self) -> float:
-        return self.n / self.total_s if self.total_s > 0 else float("nan")
-
-    def cells_per_s(self) -> float:
-        return self.cells / self.total_s if self.total_s > 0 else float("nan")
-
-
-@contextmanager
-def measured(phase: Phase) -> Iterator[Phase]:
-    reset_peak_rss()
-    phase.rss_start_mib = rss_mib()
-    t = time.perf_counter()
-    yield phase
-    phase.total_s = time.perf_counter() - t
-    phase.rss_peak_mib = peak_rss_mib()
-
-
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "n/a" if v != v else (f"{v:.3g}" if abs(v) < 10 else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}")
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def version_of(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
-def list_images(data: Path, key: str, limit: int | None) -> list[Path]:
-    folder = data / SETS[key][1]
-    paths = sorted(p for p in folder.glob("*.jpg"))
-    if not paths:
-        raise SystemExit(f"{folder}: no .jpg images; pass --data DIR holding ALL-IDB1/im and BCCD/JPEGImages.")
-    return paths[:limit] if limit else paths
-
-
-# ---- 1. the decode floor ----------------------------------------------------------------------
-def decode_full(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def decode_draft(path: Path, scale: int = 4) -> np.ndarray:
-    """JPEG DCT-domain reduced decode (1/scale per side). NOT used by allmil today: reference only."""
-    with Image.open(path) as im:
-        im.draft("RGB", (max(1, im.width // scale), max(1, im.height // scale)))
-        return np.asarray(im.convert("RGB"))
-
-
+# ---- 1. the decode floor (the decoders are in common.py) --------------------------------------
 def run_floor(paths: list[Path], decoder: Callable[[Path], np.ndarray], name: str) -> Phase:
     decoder(paths[0])  # warm-up
     phase = Phase(name)
@@ -233,94 +117,7 @@ def run_allmil(models: Models, paths: list[Path], name: str, decode_workers: int
     return phase
 
 
-# ---- 3. the paper-style baseline (PyTorch eager) ---------------------------------------------
-class Baseline:
-    """Faster R-CNN ResNet50-FPN on the field -> 10 crops -> AlexNet fc7 -> LSTM(256) -> FC, random weights."""
-
-    def __init__(self, device: str) -> None:
-        import torch
-        import torchvision
-
-        self.torch = torch
-        self.device = torch.device(device)
-        self.detector = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-        alex = torchvision.models.alexnet(weights=None).eval()
-        self.alex_trunk = torch.nn.Sequential(alex.features, alex.avgpool, torch.nn.Flatten(), *list(alex.classifier)[:-1])
-        self.lstm = torch.nn.LSTM(4096, 256, batch_first=True)
-        self.fc = torch.nn.Linear(256, 2)
-        for m in (self.detector, self.alex_trunk, self.lstm, self.fc):
-            m.to(self.device).eval()
-        self.mean = torch.tensor([0.485, 0.456, 0.406], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor([0.229, 0.224, 0.225], device=self.device).view(1, 3, 1, 1)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-
-    def _boxes(self, det_boxes, h: int, w: int):
-        """Top detections, filled up to 10 with a 5x2 grid of 224x224 windows (random weights detect little)."""
-        torch = self.torch
-        grid = []
-        for gy in range(2):
-            for gx in range(5):
-                cx = (gx + 0.5) * w / 5
-                cy = (gy + 0.5) * h / 2
-                grid.append([cx - 112, cy - 112, cx + 112, cy + 112])
-        grid_t = torch.tensor(grid, dtype=torch.float32, device=self.device)
-        return torch.cat([det_boxes[:BASELINE_CROPS].float(), grid_t])[:BASELINE_CROPS]
-
-    def run_field(self, path: Path, stages: dict[str, float], decoded: Any = None) -> None:
-        """One field; ``decoded``: the field already decoded elsewhere (an RGB array from decode threads, or a
-        (3, H, W) uint8 tensor on the device from nvJPEG), else it is decoded here."""
-        torch = self.torch
-        from torchvision.ops import roi_align
-
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            if decoded is None:
-                decoded = decode_full(path)
-            if isinstance(decoded, np.ndarray):
-                h, w = decoded.shape[:2]
-                img = torch.from_numpy(np.require(decoded, requirements="W")).to(self.device).permute(2, 0, 1).float().div_(255.0)
-            else:
-                h, w = decoded.shape[1:]
-                img = decoded.to(self.device).float().div_(255.0)
-            self._sync()
-            t1 = time.perf_counter()
-            det = self.detector([img])[0]
-            self._sync()
-            t2 = time.perf_counter()
-            boxes = self._boxes(det["boxes"], h, w)
-            crops = roi_align(img[None], [boxes], output_size=(224, 224), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-            crops = (crops - self.mean) / self.std
-            self._sync()
-            t3 = time.perf_counter()
-            feats = self.alex_trunk(crops)
-            self._sync()
-            t4 = time.perf_counter()
-            out, _ = self.lstm(feats[None])
-            prob = torch.softmax(self.fc(out[:, -1]), dim=1)[0, 1]
-            float(prob)  # forces the result (and a sync on cuda)
-            t5 = time.perf_counter()
-        for s, a, b in zip(BASELINE_STAGES, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
-            stages[s] = stages.get(s, 0.0) + (b - a)
-
-
-def run_baseline(baseline: Baseline, paths: list[Path], name: str) -> Phase:
-    baseline.run_field(paths[0], {})  # warm-up
-    phase = Phase(name)
-    with measured(phase):
-        for p in paths:
-            t = time.perf_counter()
-            baseline.run_field(p, phase.stages)
-            dt = time.perf_counter() - t
-            phase.per_field_s.append(dt)
-            phase.per_path_s[p] = dt
-    phase.cells = BASELINE_CROPS * phase.n
-    return phase
-
-
-# ---- 4. scaling with cells per patient ----------------------------------------------------------
+# ---- 3. scaling with cells per patient ----------------------------------------------------------
 def real_crops(pipeline: Pipeline, paths: list[Path], want: int = 64) -> np.ndarray:
     """Crops of detected cells from the first fields; topped up with a grid of crops if too few are found."""
     pool: list[np.ndarray] = []
@@ -366,7 +163,7 @@ def run_scaling(models: Models, paths: list[Path], counts: list[int]) -> str:
     return md_table(["cells/patient", "embed ms", "embed ms/cell", "patient_probability ms", "cell_scores ms", "aggregate ms/cell"], rows)
 
 
-# ---- 5. memory vs number of patients (one subprocess per count) -------------------------------
+# ---- 4. memory vs number of patients (one subprocess per count) -------------------------------
 def memory_child(args: argparse.Namespace) -> None:
     # the 4 largest files, so every patient count sees the same biggest field and only the count varies
     paths = sorted(list_images(args.data, args.sets[0], args.images), key=lambda p: -p.stat().st_size)[:4]
@@ -540,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     record_rows = []
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     versions = f"allmil {ALLMIL_VERSION}, ort {ort.__version__}, torch {torch_v}"
-    device = f"{args.device} ({models.provider})" if args.device == "cpu" else f"{args.device}: {_gpu_name()}"
+    device = f"{args.device} ({models.provider})" if args.device == "cpu" else f"{args.device}: {gpu_name()}"
     for key in images:
         label = SETS[key][0]
         o, fl = ours[key], floor[key]
@@ -580,15 +377,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nappended {len(record_rows)} row(s) to {RESULTS}")
     if tmp is not None:
         tmp.cleanup()
-
-
-def _gpu_name() -> str:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - best effort, for the record only
-        return "GPU"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Fields: the first ``--fields`` ALL-IDB1 images of ``--size`` (default 2592x1944,
    ``torchvision.io.decode_jpeg`` on the GPU);
 2. allmil: ``allmil diagnose DIR --per-image --out CSV --json JSON --workers W`` as a fresh subprocess for
    W = 1..cores, timed from start to exit (imports, model load, worker start, reports): the scaling curve;
-3. the paper-style stack (bench.py's ``Baseline``: Faster R-CNN R50-FPN, AlexNet fc7, LSTM) in this process, its
+3. the paper-style stack (baseline.py's ``Baseline``: Faster R-CNN R50-FPN, AlexNet fc7, LSTM) in this process, its
    decode serial, then fed by ``--cores`` decode threads ahead (bounded), and with ``--device cuda`` fed by nvJPEG;
    on the first ``--baseline-fields`` fields (it is slow).
 
@@ -35,7 +35,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench import DEFAULT_DATA, Baseline, cpu_model, decode_full, version_of  # noqa: E402
+from baseline import Baseline  # noqa: E402
+from common import DEFAULT_DATA, cpu_model, decode_full, version_of  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Whole-process scaling (bench/bench_scaling.py)"

@@ -1,0 +1,106 @@
+"""``allmil detect`` (one CSV row per white cell, optional crop PNGs) and ``allmil embed`` (per-cell features as
+.npz). Parse, call the library (:mod:`allmil_cli.cell_export`), print; registered on the app in ``cli.py``."""
+
+from __future__ import annotations
+
+from contextlib import closing
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from allmil_cli.cli_options import (CellSize, DecodeWorkers, DetThreshold, DeviceOpt, InputDir, MaxPixels, PerImage,
+    Quiet, Threads, Weights, Workers)
+from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, Device, _check_output, _main_threads, _models, _patients,
+    _progress, _run_guard, _run_pipeline, _workers, err)
+
+
+def detect(
+    input_dir: InputDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV, one row per detected white cell ('-' for stdout).")] = Path("detections.csv"),
+    crops: Annotated[Optional[Path], typer.Option("--crops", help="Also save each cell crop as PNG under this folder (created).")] = None,
+    per_image: PerImage = False,
+    weights: Weights = None,
+    device: DeviceOpt = Device.auto,
+    cell_size: CellSize = None,
+    detect_threshold: DetThreshold = None,
+    threads: Threads = None,
+    max_pixels: MaxPixels = 80_000_000,
+    decode_workers: DecodeWorkers = 1,
+    workers: Workers = None,
+    quiet: Quiet = False,
+) -> None:
+    """Find the white blood cells in every field: one CSV row per cell (patient, image, box, score).
+
+    Example:
+
+        allmil detect ./patients --out detections.csv --crops ./crops
+    """
+    from allmil_cli.cell_export import DetectionsCsv, save_crops
+    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.report import write_report
+
+    _check_output(out, "--out")
+    patients = _patients(input_dir, per_image, quiet)
+    models = _models(weights, device, _main_threads(threads, _workers(workers), patients), quiet)
+    pipeline = Pipeline(models, Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels,
+                                        decode_workers=decode_workers, workers=_workers(workers)))
+    detections = DetectionsCsv()
+    problems = 0
+    with _run_guard(), closing(pipeline), _progress(len(patients), quiet, "detect") as tick:
+        pipeline.prefetch(patients, mode="detect+crops" if crops is not None else "detect")
+        for patient in patients:
+            images, cells, crop_arrays = pipeline.detect_patient(patient, with_crops=crops is not None)
+            detections.add(patient.name, cells)
+            for img in images:
+                if img.status != "ok":
+                    problems += 1
+                    if not quiet:
+                        err.print(f"[yellow]skipped:[/] {escape(img.reason)}", soft_wrap=True)
+            if not patient.images:
+                problems += 1
+                if not quiet:
+                    err.print(f"[yellow]empty:[/] {escape(str(patient.folder))} holds no image.", soft_wrap=True)
+            if crops is not None and crop_arrays:
+                save_crops(crops, patient.name, cells, crop_arrays)
+            tick(patient.name)
+    write_report(out, detections.text())
+    raise typer.Exit(EXIT_OK if problems == 0 else EXIT_PARTIAL)
+
+
+def embed(
+    input_dir: InputDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="NPZ file: features, boxes, blast scores, patient and image per cell.")] = Path("cells.npz"),
+    per_image: PerImage = False,
+    weights: Weights = None,
+    device: DeviceOpt = Device.auto,
+    cell_size: CellSize = None,
+    threads: Threads = None,
+    max_pixels: MaxPixels = 80_000_000,
+    decode_workers: DecodeWorkers = 1,
+    workers: Workers = None,
+    quiet: Quiet = False,
+) -> None:
+    """Per-cell 256-d feature vectors, boxes and blast scores for every detected cell, as one .npz.
+
+    Arrays: features (N,256) float32, boxes (N,4), centres (N,2), det_score (N), blast_score (N),
+    patient (N) str, image (N) str.
+
+    Example:
+
+        allmil embed ./patients --out cells.npz
+    """
+    from allmil_cli.cell_export import cells_npz
+    from allmil_cli.pipeline import Options
+    from allmil_cli.report import atomic_write
+
+    _check_output(out, "--out")
+    options = Options(cell_size=cell_size, max_pixels=max_pixels, keep_features=True, min_cells=1, decode_workers=decode_workers,
+                      workers=_workers(workers))
+    _, _, _, results = _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, "embed")
+    data, n_cells = cells_npz(results)
+    atomic_write(out, data)
+    if not quiet:
+        err.print(f"{n_cells} cells from {len(results)} patient(s) -> {out}")
+    raise typer.Exit(EXIT_OK if all(r.status != "failed" for r in results) else EXIT_PARTIAL)

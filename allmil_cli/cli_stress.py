@@ -1,0 +1,94 @@
+"""``allmil stress-test``: the paper's stress test (recall after removing blast or normal cells) as a table, a CSV
+and a review page. Parse, call the library (:mod:`allmil_cli.stress`), print; registered on the app in ``cli.py``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from allmil_cli.cli_options import (CellSize, DecodeWorkers, DeviceOpt, HtmlOut, InputDir, MaxPixels, PerImage, Quiet,
+    Threads, Weights, Workers)
+from allmil_cli.cli_support import (EXIT_OK, EXIT_USAGE, Device, _check_output, _fail, _labels, _main_threads, _meta,
+    _models, _patients, _progress, _review_collector, _run_guard, _workers, _write_review)
+
+
+class Remove(str, Enum):
+    none = "none"
+    blasts = "blasts"
+    normals = "normals"
+
+
+def stress_test(
+    input_dir: InputDir,
+    remove: Annotated[Optional[list[Remove]], typer.Option("--remove", help="Condition(s) to run; repeat the flag. \\[default: none, blasts, normals]")] = None,
+    truth: Annotated[Optional[Path], typer.Option("--truth", help="Folder of <image-stem>.xyc blast centroids (ALL-IDB1 xyc/). Without it, cells are removed by the model's own blast score.")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV 'patient,label'. Without it, ALL-IDB names (_1 = ALL) are used when they fit.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV with one row per condition (recall and counts).")] = None,
+    html: HtmlOut = None,
+    per_image: PerImage = False,
+    weights: Weights = None,
+    device: DeviceOpt = Device.auto,
+    cell_size: CellSize = None,
+    threads: Threads = None,
+    max_pixels: MaxPixels = 80_000_000,
+    decode_workers: DecodeWorkers = 1,
+    workers: Workers = None,
+    quiet: Quiet = False,
+) -> None:
+    """The paper's stress test: recall on ALL patients after removing blast cells, or normal cells.
+
+    A model that really looks at blasts loses recall when blasts are removed and keeps it when normal
+    cells are removed.
+
+    Example:
+
+        allmil stress-test ALL-IDB1/im --per-image --truth ALL-IDB1/xyc --out stress.csv
+    """
+    from allmil_cli.labels import labels_from_names
+    from allmil_cli.pipeline import Options
+    from allmil_cli.report import atomic_write
+    from allmil_cli.stress import calls_by_patient, rows_csv, run_stress_test
+
+    _check_output(out, "--out")
+    _check_output(html, "--html")
+    if truth is not None and not truth.is_dir():
+        _fail(f"--truth {truth}: not a folder of .xyc files.", EXIT_USAGE)
+    conditions = [c.value for c in (remove or [Remove.none, Remove.blasts, Remove.normals])]
+    patients = _patients(input_dir, per_image, quiet)
+    truth_labels = _labels(labels, [p.name for p in patients]) if labels else labels_from_names([p.name for p in patients])
+    if not any(v == 1 for v in truth_labels.values()):
+        _fail("no ALL patient among the labels: recall is undefined; pass --labels with at least one ALL patient.", EXIT_USAGE)
+    models = _models(weights, device, _main_threads(threads, _workers(workers), patients), quiet)
+    options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth, decode_workers=decode_workers,
+                      workers=_workers(workers))
+    review, by_condition = _review_collector(html, None), []
+    with _run_guard(), _progress(len(patients) * len(conditions), quiet, "stress-test") as tick:
+        def done(r) -> None:
+            by_condition.append(r)
+            if review:
+                review.finish(r)
+            tick(r.patient)
+
+        rows = run_stress_test(models, patients, truth_labels, conditions, options, on_done=done,
+                               on_field=review.on_field if review else None)
+    table = Table(title="stress test (recall on ALL patients)", title_justify="left")
+    for col in ("removed", "recall", "ALL called", "ALL patients", "specificity", "cells kept"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["removed"], f"{r['recall']:.4f}", str(r["tp"]), str(r["n_all"]),
+                      "" if r["specificity"] != r["specificity"] else f"{r['specificity']:.4f}", str(r["cells_kept"]))
+    Console().print(table)
+    if out:
+        atomic_write(out, rows_csv(rows))
+    if review is not None:
+        first, calls = calls_by_patient(by_condition, conditions)
+        from allmil_cli.review import run_versions
+
+        meta = {**_meta(models, options, "stress-test"), **run_versions(models), "input": str(input_dir)}
+        _write_review(review, html, first, meta, quiet, stress_rows=rows, stress_calls=calls)
+    raise typer.Exit(EXIT_OK)
