@@ -40,6 +40,7 @@ class Execution:
     embed_here: bool
     _ahead: Any
     _pool: ProcessPool | None
+    _first_here: Path | None  # the run's first file, analysed in this process while the workers start
     _gpu: Any
 
     def use_gpu(self, device: str = "cuda") -> None:
@@ -104,7 +105,8 @@ class Execution:
         """The patient's files analysed in order: by the worker processes when ``Options.workers`` > 1."""
         keep = self.on_field is not None
         pool = self._workers_for(patient.images)
-        if pool is not None and patient.images and not pool.scheduled(patient.images[0], mode, keep):
+        if (pool is not None and patient.images and patient.images[0] != self._first_here
+                and not pool.scheduled(patient.images[0], mode, keep)):
             pool.schedule(list(patient.images), mode, keep)  # not announced by prefetch: its fields still run in parallel
         for path in patient.images:
             outcome = self._gpu.analyse_file(path, mode, keep) if self._gpu is not None else None
@@ -121,7 +123,7 @@ class Execution:
             pool = take_prestarted(m.weights_dir, self.options, n) or ProcessPool(m.weights_dir, m.sha256, self.options, n)
             pool.adopt(m.sha256, self._failed_file, on_stage=self.timer.add_seconds)
             self._pool = pool
-            pool.start()
+            pool.launch()  # not waited for: the first fetch checks that every worker loaded the run's models
         return self._pool
 
     def _embed_pending(self, feats: list[np.ndarray | None], todo: list[tuple[int, np.ndarray]]) -> None:
@@ -152,7 +154,10 @@ class Execution:
         if pool is not None:
             if mode == "analyse" and self.embed_here:
                 mode = "crops"
-            pool.schedule(paths, mode, self.on_field is not None)
+            # This process analyses the first file itself while the workers start (imports, models: ~1 s), then
+            # only collects: the files are the same, so are the results.
+            self._first_here = paths[0]
+            pool.schedule(paths[1:], mode, self.on_field is not None)
         else:
             self._ahead.schedule(paths)
 

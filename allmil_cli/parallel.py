@@ -25,8 +25,8 @@ import select
 import signal
 import threading
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Hashable
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -105,19 +105,46 @@ def start_method() -> str:
 
 
 class _Ordered:
-    """Scheduled keys and their futures, in order; the common part of both feeders."""
+    """Scheduled keys and their futures, in order; the common part of both feeders.
+
+    ``upcoming``: keys scheduled, not yet submitted (with a count per key, so membership is O(1) however long the
+    run); ``pending``: at most ``depth`` submitted keys and their futures."""
 
     def __init__(self, depth: int) -> None:
         self.depth = max(1, depth)
         self.upcoming: deque[Hashable] = deque()
+        self._count: Counter[Hashable] = Counter()
         self.pending: deque[tuple[Hashable, Future]] = deque()
+
+    def push(self, keys: Iterable[Hashable], front: bool = False) -> None:
+        """Schedule ``keys`` after (or, ``front``, before) those already waiting, in their order."""
+        keys = list(keys)
+        self._count.update(keys)
+        if front:
+            self.upcoming.extendleft(reversed(keys))
+        else:
+            self.upcoming.extend(keys)
+
+    def pop(self) -> Hashable:
+        """The next waiting key (removed)."""
+        key = self.upcoming.popleft()
+        self._count[key] -= 1
+        if self._count[key] <= 0:
+            del self._count[key]
+        return key
+
+    def is_upcoming(self, key: Hashable) -> bool:
+        return key in self._count
+
+    def is_pending(self, key: Hashable) -> bool:
+        return any(k == key for k, _ in self.pending)
 
     def take(self, key: Hashable, submit: Callable[[Hashable], Future]) -> Future | None:
         """The future of ``key``, dropping keys scheduled before it; None when ``key`` was never scheduled."""
-        if not any(k == key for k, _ in self.pending):
-            if key not in self.upcoming:
+        if not self.is_pending(key):
+            if not self.is_upcoming(key):
                 return None
-            while self.upcoming.popleft() != key:  # scheduled, not yet submitted: drop everything before it
+            while self.pop() != key:  # scheduled, not yet submitted: drop everything before it
                 pass
             for _, fut in self.pending:
                 fut.cancel()
@@ -131,6 +158,7 @@ class _Ordered:
 
     def clear(self) -> None:
         self.upcoming.clear()
+        self._count.clear()
         for _, fut in self.pending:
             fut.cancel()
         self.pending.clear()
@@ -146,13 +174,13 @@ class ThreadLookahead:
         self._executor: ThreadPoolExecutor | None = None
 
     def schedule(self, paths: list[Path]) -> None:
-        self._queue.upcoming.extend(paths)
+        self._queue.push(paths)
         self._refill()
 
     def _refill(self) -> None:
         q = self._queue
         while q.upcoming and len(q.pending) < q.depth:
-            path = q.upcoming.popleft()
+            path = q.pop()
             q.pending.append((path, self._submit(path)))
 
     def _submit(self, path: Hashable) -> Future:
@@ -255,6 +283,7 @@ class ProcessPool:
         self._tries: dict[Hashable, int] = {}
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._ready = False  # every worker has reported its models (start())
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
@@ -290,15 +319,16 @@ class ProcessPool:
         if errors:
             self.close()
             raise WorkerStartError(f"the worker processes could not start: {errors[0]}; rerun with --workers 1.")
+        self._ready = True
 
     def schedule(self, paths: list[Path], mode: str, keep_field: bool) -> None:
-        self._queue.upcoming.extend((p, mode, keep_field) for p in paths)
+        self._queue.push((p, mode, keep_field) for p in paths)
         self._refill()
 
     def _refill(self) -> None:
         q = self._queue
         while q.upcoming and len(q.pending) < q.depth:
-            key = q.upcoming.popleft()
+            key = q.pop()
             q.pending.append((key, self._submit(key)))
 
     def _submit(self, key: Hashable) -> Future:
@@ -311,7 +341,7 @@ class ProcessPool:
 
     def scheduled(self, path: Path, mode: str, keep_field: bool) -> bool:
         key = (path, mode, keep_field)
-        return key in self._queue.upcoming or any(k == key for k, _ in self._queue.pending)
+        return self._queue.is_upcoming(key) or self._queue.is_pending(key)
 
     def fetch(self, path: Path, mode: str, keep_field: bool) -> Any | None:
         """The file's outcome, or None when it was not scheduled (the caller analyses it itself)."""
@@ -319,6 +349,8 @@ class ProcessPool:
         fut = self._queue.take(key, self._submit)
         if fut is None:
             return None
+        if not self._ready:  # the first result: first make sure every worker runs the run's models
+            self.start()
         while True:
             try:
                 outcome, seconds = fut.result()
@@ -349,7 +381,7 @@ class ProcessPool:
         lost = [k for k, _ in self._queue.pending]
         self._queue.pending.clear()
         self._terminate()
-        self._queue.upcoming.extendleft(reversed(lost))
+        self._queue.push(lost, front=True)
         if tries > MAX_FILE_RETRIES:
             return None
         fut = self._submit(key)

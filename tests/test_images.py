@@ -140,3 +140,23 @@ def test_discover_patients_layouts(tmp_path):
 def test_discover_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         discover_patients(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0: what microscope cameras write
+def test_fast_jpeg_decode_gives_pillows_pixels(tmp_path, subsampling):
+    """JPEGs go through libjpeg-turbo straight to numpy (simplejpeg) when installed: the same pixels as Pillow."""
+    from allmil_cli import images
+
+    if images._simplejpeg is None:
+        pytest.skip("simplejpeg is not installed: Pillow decodes every JPEG")
+    p = tmp_path / f"field_{subsampling}.jpg"
+    Image.fromarray(_rgb()[:301, :397]).save(p, quality=88, subsampling=subsampling)  # odd sizes: partial blocks
+    for path in (p, REAL):
+        with Image.open(path) as im:
+            assert images._fast_jpeg(im, path) is not None  # the fast path is taken...
+            want = np.asarray(im.convert("RGB"))
+        assert np.array_equal(load_fields(path)[0][0].rgb, want)  # ...and gives Pillow's pixels
+    data = p.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / "cut.jpg") as im:
+        assert images._fast_jpeg(im, tmp_path / "cut.jpg") is None  # refused: Pillow reports it (test_truncated_jpeg)

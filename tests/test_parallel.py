@@ -139,6 +139,7 @@ def test_a_killed_worker_is_replaced_and_results_stay_identical(models, cohort, 
     patients, _ = discover_patients(cohort)
     pipe = Pipeline(models, Options(workers=2, keep_features=True))
     pipe.prefetch(patients)
+    pipe._pool.start()  # wait until the workers run (one dying while it starts is a start failure: exit 3)
     victim = next(iter(pipe._pool._executor._processes.values()))
     os.kill(victim.pid, signal.SIGKILL)
     try:
@@ -256,3 +257,47 @@ def test_prestarted_workers_are_taken_over_only_when_they_fit(models, cohort, se
     results = list(pipe.run(patients, on_done=lambda r: used.append(pipe._pool)))
     assert used and all(p is early for p in used) and not parallel._PRESTARTED
     assert [_flat(r) for r in results] == [_flat(r) for r in serial]
+
+
+def test_this_process_analyses_the_first_file_while_the_workers_start(models, cohort, serial):
+    from allmil_cli.images import discover_patients
+    from allmil_cli.pipeline import Options, Pipeline
+
+    patients, _ = discover_patients(cohort)
+    pipe = Pipeline(models, Options(workers=2, keep_features=True))
+    pipe.prefetch(patients)
+    first, second = patients[0].images[:2]
+    assert pipe._first_here == first
+    assert not pipe._pool.scheduled(first, "analyse", False) and pipe._pool.scheduled(second, "analyse", False)
+    try:
+        parallel = [pipe.diagnose_patient(p) for p in patients]
+    finally:
+        pipe.close()
+    assert [_flat(r) for r in parallel] == [_flat(r) for r in serial]
+
+
+def test_the_schedule_keeps_order_drops_what_is_skipped_and_knows_its_keys():
+    from concurrent.futures import Future
+
+    from allmil_cli.parallel import _Ordered
+
+    submitted: list[str] = []
+
+    def submit(key: str) -> Future:
+        submitted.append(key)
+        fut: Future = Future()
+        fut.set_result(key.upper())
+        return fut
+
+    q = _Ordered(depth=2)
+    q.push(["a", "b", "c", "d", "e"])
+    assert all(q.is_upcoming(k) for k in "abcde") and not q.is_upcoming("z")
+    assert q.take("z", submit) is None  # never scheduled: the caller analyses it
+    assert q.take("c", submit).result() == "C"  # "a" and "b" are dropped, unsubmitted
+    assert submitted == ["c"] and not q.is_upcoming("a") and not q.is_upcoming("b")
+    q.pending.append((q.pop(), submit("d")))
+    assert q.is_pending("d") and not q.is_upcoming("d")
+    q.push(["d"], front=True)  # a lost key goes back to the front (a replaced worker pool)
+    assert list(q.upcoming) == ["d", "e"] and q.is_upcoming("d")
+    q.clear()
+    assert not q.upcoming and not q.pending and not q.is_upcoming("e")
