@@ -38,7 +38,7 @@ def _fail(message: str, code: int) -> None:
 @contextmanager
 def _run_guard(where: str = "") -> Iterator[None]:
     """Around a run: worker processes that cannot start -> exit 3; Ctrl-C -> exit 130, no report written."""
-    from allmil_cli.parallel import WorkerStartError
+    from allmil_cli.workers import WorkerStartError
 
     try:
         yield
@@ -174,7 +174,7 @@ def _write_review(review, html: Optional[Path], results, meta: dict[str, Any], q
 
 def _workers(workers: Optional[int]) -> int:
     """--workers for the local engine: worker processes, all cores by default."""
-    from allmil_cli.parallel import default_workers
+    from allmil_cli.workers import default_workers
 
     return workers or default_workers()
 
@@ -189,7 +189,7 @@ def _prestart(weights: Optional[Path], options, patients) -> None:
     """Launch the worker processes now: they load their models while this process loads its own."""
     if options.workers > 1 and sum(len(p.images) for p in patients) > 1:
         from allmil_cli.models import default_weights_dir
-        from allmil_cli.parallel import prestart
+        from allmil_cli.workers import prestart
 
         prestart(weights or default_weights_dir(), options, options.workers)
 

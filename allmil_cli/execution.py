@@ -4,7 +4,7 @@
 itself says *what* is computed per field and per patient). Each file becomes a :class:`FileOutcome`, from one of:
 
 - this process (``Options.workers`` 1), with files decoded and measured ahead in threads (``--decode-workers``);
-- worker processes (``Options.workers`` > 1, :class:`allmil_cli.parallel.ProcessPool`), which run
+- worker processes (``Options.workers`` > 1, :class:`allmil_cli.workers.ProcessPool`), which run
   :meth:`Execution.analyse_file` on their own Pipeline, so the results are the serial path's, bit for bit;
 - the GPU front end (:mod:`allmil_cli.gpu`: nvJPEG decode, crops on the GPU) when the networks run on CUDA and
   torch sees the GPU; files it does not take run here on the CPU.
@@ -24,7 +24,8 @@ import numpy as np
 
 from allmil_cli.crops import crop_cells
 from allmil_cli.images import Field, ImageError, Patient, load_fields
-from allmil_cli.parallel import FieldOutcome, FileOutcome, ProcessPool, take_prestarted
+from allmil_cli.parallel import FieldOutcome, FileOutcome
+from allmil_cli.workers import ProcessPool, take_prestarted
 from allmil_cli.scale import FieldStats
 
 

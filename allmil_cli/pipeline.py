@@ -27,7 +27,8 @@ from allmil_cli.images import MAX_PIXELS, Field, Patient
 from allmil_cli.labels import read_points
 from allmil_cli.models import Models
 from allmil_cli.qc import describe, patient_qc
-from allmil_cli.parallel import LOOKAHEAD_PER_WORKER, FieldOutcome, FileOutcome, ProcessPool, StageTimer, ThreadLookahead
+from allmil_cli.parallel import LOOKAHEAD_PER_WORKER, FieldOutcome, FileOutcome, StageTimer, ThreadLookahead
+from allmil_cli.workers import ProcessPool
 from allmil_cli.resample import Shrinker
 from allmil_cli.scale import FieldStats, measure_field
 

@@ -241,21 +241,21 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 def test_prestarted_workers_are_taken_over_only_when_they_fit(models, cohort, serial):
-    from allmil_cli import parallel
+    from allmil_cli import workers
     from allmil_cli.images import discover_patients
     from allmil_cli.pipeline import Options, Pipeline
 
-    parallel.prestart(models.weights_dir, Options(workers=2, cell_size=90.0), 2)  # other options: not taken
-    misfit = parallel._PRESTARTED[0]
-    assert parallel.take_prestarted(models.weights_dir, Options(workers=2), 2) is None
-    assert misfit._executor is None and not parallel._PRESTARTED  # stopped
-    parallel.prestart(models.weights_dir, Options(workers=2, keep_features=True), 2)
-    early = parallel._PRESTARTED[0]
+    workers.prestart(models.weights_dir, Options(workers=2, cell_size=90.0), 2)  # other options: not taken
+    misfit = workers._PRESTARTED[0]
+    assert workers.take_prestarted(models.weights_dir, Options(workers=2), 2) is None
+    assert misfit._executor is None and not workers._PRESTARTED  # stopped
+    workers.prestart(models.weights_dir, Options(workers=2, keep_features=True), 2)
+    early = workers._PRESTARTED[0]
     patients, _ = discover_patients(cohort)
     pipe = Pipeline(models, Options(workers=2, keep_features=True))
     used = []
     results = list(pipe.run(patients, on_done=lambda r: used.append(pipe._pool)))
-    assert used and all(p is early for p in used) and not parallel._PRESTARTED
+    assert used and all(p is early for p in used) and not workers._PRESTARTED
     assert [_flat(r) for r in results] == [_flat(r) for r in serial]
 
 
