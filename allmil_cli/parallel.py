@@ -128,6 +128,12 @@ class _Ordered:
                 return fut
             fut.cancel()
 
+    def refill(self, submit: Callable[[Hashable], Future]) -> None:
+        """Submit waiting keys, in order, until ``depth`` are in flight."""
+        while self.upcoming and len(self.pending) < self.depth:
+            key = self.pop()
+            self.pending.append((key, submit(key)))
+
     def clear(self) -> None:
         self.upcoming.clear()
         self._count.clear()
@@ -150,10 +156,7 @@ class ThreadLookahead:
         self._refill()
 
     def _refill(self) -> None:
-        q = self._queue
-        while q.upcoming and len(q.pending) < q.depth:
-            path = q.pop()
-            q.pending.append((path, self._submit(path)))
+        self._queue.refill(self._submit)
 
     def _submit(self, path: Hashable) -> Future:
         if self._executor is None:

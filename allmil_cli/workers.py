@@ -170,10 +170,7 @@ class ProcessPool:
         self._refill()
 
     def _refill(self) -> None:
-        q = self._queue
-        while q.upcoming and len(q.pending) < q.depth:
-            key = q.pop()
-            q.pending.append((key, self._submit(key)))
+        self._queue.refill(self._submit)
 
     def _submit(self, key: Hashable) -> Future:
         try:
