@@ -75,8 +75,10 @@ def _patients(input_dir: Path, per_image: bool, quiet: bool):
 
 
 def _models(weights: Optional[Path], device: Device, threads: Optional[int], quiet: bool):
+    from allmil_cli.images import keep_freed_buffers
     from allmil_cli.models import ModelError, load_models
 
+    keep_freed_buffers()  # this process decodes fields too (the first one, or all with --workers 1)
     try:
         models = load_models(weights, device=device.value, threads=threads)
     except ModelError as exc:

@@ -163,6 +163,35 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im if mode == "RGB" else im.convert("RGB"))
 
 
+_BUFFERS_KEPT = False
+
+
+def keep_freed_buffers() -> bool:
+    """Let this process reuse the memory of a decoded field for the next one (glibc ``mallopt``; elsewhere a no-op).
+
+    By default glibc hands every buffer above its (adaptive) mmap threshold fresh pages from the kernel and returns
+    them on free: a Pillow decode of a 2592x1944 JPEG then takes ~12,000 page faults and ~40 ms more (90-120 vs
+    54-60 ms measured here). A fixed 64 MiB threshold keeps such buffers on the heap, reused field after field
+    (at most 128 MiB of freed memory is kept before it is trimmed). Called once per process by the CLI and by
+    each worker process; returns whether it took effect."""
+    global _BUFFERS_KEPT
+    if _BUFFERS_KEPT:
+        return True
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        _BUFFERS_KEPT = bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and bool(libc.mallopt(m_trim_threshold, 128 << 20))
+    except (OSError, AttributeError):
+        return False
+    return _BUFFERS_KEPT
+
+
 def _fast_jpeg(im: Image.Image, path: Path) -> np.ndarray | None:
     """A colour JPEG decoded by libjpeg-turbo straight into a numpy array (``simplejpeg``), or None (Pillow decodes it).
 
