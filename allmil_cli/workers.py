@@ -107,6 +107,23 @@ def _started() -> tuple[str | None, dict[str, str] | None]:
     return _WORKER_ERROR, None if _WORKER is None else dict(_WORKER.models.sha256)
 
 
+def _start_forkserver_deaf_to_ctrl_c() -> None:
+    """Start multiprocessing's forkserver (if not yet running) with SIGINT ignored, which it and the workers it forks
+    inherit: a Ctrl-C at the terminal reaches the whole process group, and only the main process should act on it
+    (it stops the workers). Otherwise one pressed while the server imports, or a worker boots, prints their
+    tracebacks over the user's terminal."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may touch signal handlers
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class WorkerStartError(RuntimeError):
     """The worker processes could not start (models unloadable there); the message is for the user."""
 
@@ -137,6 +154,7 @@ class ProcessPool:
             ctx = mp.get_context(start_method())
             if ctx.get_start_method() == "forkserver":
                 ctx.set_forkserver_preload(["allmil_cli.pipeline", "onnxruntime", "scipy.ndimage"])
+                _start_forkserver_deaf_to_ctrl_c()
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
                                                  initargs=self._initargs)
         return self._executor

@@ -178,17 +178,17 @@ def test_ctrl_c_stops_the_cli_and_its_workers(cohort, tmp_path):
     weights = shipped_weights_or_skip()
     many = tmp_path / "many"
     many.mkdir()
-    for i in range(12):  # enough fields that the run is still going when Ctrl-C comes
+    for i in range(40):  # enough fields (200) that the run is still going when Ctrl-C comes
         shutil.copytree(cohort / "patient_A", many / f"p{i:02d}")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "allmil_cli", "diagnose", str(many), "--out", str(tmp_path / "r.csv"),
                              "--weights", str(weights), "--workers", "2", "--device", "cpu", "-q"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 20
-    while time.time() < deadline and len(_descendants(proc.pid)) < 3:  # forkserver + 2 workers
-        time.sleep(0.05)
-    assert len(_descendants(proc.pid)) >= 3, "the worker processes never started"
-    time.sleep(0.5)
+    journal = tmp_path / "r.journal.jsonl"  # a line per finished patient: the run is past its start-up
+    while time.time() < deadline and not (journal.exists() and journal.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    assert len(_descendants(proc.pid)) >= 3, "the worker processes never started"  # forkserver + 2 workers
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
