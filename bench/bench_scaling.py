@@ -161,9 +161,13 @@ def append(row: str) -> None:
         RESULTS.write_text(text + row + "\n")
         return
     head, tail = text.split(SECTION, 1)
-    nxt = tail.find("\n## ")
-    body, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
-    RESULTS.write_text(head + SECTION + body.rstrip("\n") + "\n" + row + "\n" + rest)
+    lines = tail.split("\n")
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))  # the section's table header
+    last = first
+    while last + 1 < len(lines) and lines[last + 1].startswith("|"):
+        last += 1
+    lines.insert(last + 1, row)  # right under the table's last row, before any text or subsection after it
+    RESULTS.write_text(head + SECTION + "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
