@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Two versions of allmil side by side: per-field decode + analysis, both at once, each pinned to its own core.
+
+On a shared host whose speed drifts by up to 2x within minutes, runs made one after the other cannot resolve a
+10-20 % change. Here both versions run at the same moment on the same fields (one process each, pinned with
+``taskset`` to cores 0 and 1, one onnxruntime thread each), then again with the cores swapped; each reports
+the best of ``--passes`` passes over the fields (``images.load_fields`` + ``Pipeline.analyse_field``, no
+worker processes, no start-up).
+
+    git worktree add /tmp/allmil-old <commit>
+    python bench/bench_ab.py /tmp/allmil-old . --fields 24
+
+Linux only (``taskset``); needs 2 cores. Prints ms/field per version and round; records nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+_CHILD = r"""
+import sys, time
+tree, folder, n, passes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sys.path.insert(0, tree)
+from pathlib import Path
+from allmil_cli.images import load_fields
+from allmil_cli.models import load_models
+from allmil_cli.pipeline import Options, Pipeline
+try:
+    from allmil_cli.images import keep_freed_buffers  # absent in older versions
+    keep_freed_buffers()
+except ImportError:
+    pass
+paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[:n]
+pipe = Pipeline(load_models(None, device="cpu", threads=1), Options())
+pipe.analyse_field(load_fields(paths[0])[0][0])  # warm-up
+best = float("inf")
+for _ in range(passes):
+    t = time.perf_counter()
+    for p in paths:
+        pipe.analyse_field(load_fields(p)[0][0])
+    best = min(best, (time.perf_counter() - t) / len(paths))
+print(f"{best * 1e3:.1f}")
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", type=Path, help="source tree of version A (a git worktree)")
+    ap.add_argument("b", type=Path, help="source tree of version B")
+    ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
+    ap.add_argument("--fields", type=int, default=24, help="first N 2592x1944 ALL-IDB1 fields")
+    ap.add_argument("--passes", type=int, default=3)
+    args = ap.parse_args(argv)
+    import tempfile
+
+    from PIL import Image
+
+    fields = [p for p in sorted((args.data / "ALL-IDB1" / "im").glob("*.jpg")) if Image.open(p).size == (2592, 1944)]
+    with tempfile.TemporaryDirectory(prefix="allmil-ab-") as tmp:
+        for p in fields[: args.fields]:
+            (Path(tmp) / p.name).symlink_to(p)
+        results: dict[str, list[float]] = {str(args.a): [], str(args.b): []}
+        for cores in ((0, 1), (1, 0)):
+            procs = {tree: subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", _CHILD, str(Path(tree).resolve()), tmp,
+                                             str(args.fields), str(args.passes)], stdout=subprocess.PIPE, text=True)
+                     for tree, core in zip(results, cores)}
+            for tree, proc in procs.items():
+                out, _ = proc.communicate()
+                if proc.returncode:
+                    raise SystemExit(f"{tree}: the run failed ({proc.returncode})")
+                results[tree].append(float(out.strip().splitlines()[-1]))
+    (ta, ra), (tb, rb) = results.items()
+    for tree, r in results.items():
+        print(f"{tree}: {' / '.join(f'{v:.1f}' for v in r)} ms/field (two rounds, cores swapped)")
+    print(f"B vs A: {sum(rb) / sum(ra):.3f}x the time per field ({ta} -> {tb})")
+
+
+if __name__ == "__main__":
+    main()
