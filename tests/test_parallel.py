@@ -185,8 +185,8 @@ def test_ctrl_c_stops_the_cli_and_its_workers(cohort, tmp_path):
                              "--weights", str(weights), "--workers", "2", "--device", "cpu", "-q"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 20
-    journal = tmp_path / "r.journal.jsonl"  # a line per finished patient: the run is past its start-up
-    while time.time() < deadline and not (journal.exists() and journal.read_text().count("\n") >= 2):
+    journal = tmp_path / "r.journal.jsonl"  # a line per finished patient: two, and the run is past its start-up
+    while time.time() < deadline and not (journal.exists() and journal.read_text().count('{"patient":') >= 2):
         time.sleep(0.02)
     assert len(_descendants(proc.pid)) >= 3, "the worker processes never started"  # forkserver + 2 workers
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
