@@ -12,8 +12,8 @@ from rich.markup import escape
 
 from allmil_cli.cli_options import (CellSize, DecodeWorkers, DetThreshold, DeviceOpt, InputDir, MaxPixels, PerImage,
     Quiet, Threads, Weights, Workers)
-from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, Device, _check_output, _main_threads, _models, _patients,
-    _progress, _run_guard, _run_pipeline, _workers, err)
+from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, Device, _check_output, _models_for_run, _patients, _progress,
+    _run_guard, _run_pipeline, _workers, err)
 
 
 def detect(
@@ -43,9 +43,9 @@ def detect(
 
     _check_output(out, "--out")
     patients = _patients(input_dir, per_image, quiet)
-    models = _models(weights, device, _main_threads(threads, _workers(workers), patients), quiet)
-    pipeline = Pipeline(models, Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels,
-                                        decode_workers=decode_workers, workers=_workers(workers)))
+    options = Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels,
+                      decode_workers=decode_workers, workers=_workers(workers))
+    pipeline = Pipeline(_models_for_run(weights, device, threads, options, patients, quiet), options)
     detections = DetectionsCsv()
     problems = 0
     with _run_guard(), closing(pipeline), _progress(len(patients), quiet, "detect") as tick:

@@ -13,8 +13,8 @@ from rich.table import Table
 
 from allmil_cli.cli_options import (CellSize, DecodeWorkers, DeviceOpt, HtmlOut, InputDir, MaxPixels, PerImage, Quiet,
     Threads, Weights, Workers)
-from allmil_cli.cli_support import (EXIT_OK, EXIT_USAGE, Device, _check_output, _fail, _labels, _main_threads, _meta,
-    _models, _patients, _progress, _review_collector, _run_guard, _workers, _write_review)
+from allmil_cli.cli_support import (EXIT_OK, EXIT_USAGE, Device, _check_output, _fail, _labels, _meta,
+    _models_for_run, _patients, _progress, _review_collector, _run_guard, _workers, _write_review)
 
 
 class Remove(str, Enum):
@@ -63,9 +63,9 @@ def stress_test(
     truth_labels = _labels(labels, [p.name for p in patients]) if labels else labels_from_names([p.name for p in patients])
     if not any(v == 1 for v in truth_labels.values()):
         _fail("no ALL patient among the labels: recall is undefined; pass --labels with at least one ALL patient.", EXIT_USAGE)
-    models = _models(weights, device, _main_threads(threads, _workers(workers), patients), quiet)
     options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth, decode_workers=decode_workers,
                       workers=_workers(workers))
+    models = _models_for_run(weights, device, threads, options, patients, quiet)
     review, by_condition = _review_collector(html, None), []
     with _run_guard(), _progress(len(patients) * len(conditions), quiet, "stress-test") as tick:
         def done(r) -> None:

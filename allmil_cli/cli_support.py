@@ -75,10 +75,8 @@ def _patients(input_dir: Path, per_image: bool, quiet: bool):
 
 
 def _models(weights: Optional[Path], device: Device, threads: Optional[int], quiet: bool):
-    from allmil_cli.images import keep_freed_buffers
     from allmil_cli.models import ModelError, load_models
 
-    keep_freed_buffers()  # this process decodes fields too (the first one, or all with --workers 1)
     try:
         models = load_models(weights, device=device.value, threads=threads)
     except ModelError as exc:
@@ -181,27 +179,25 @@ def _workers(workers: Optional[int]) -> int:
     return workers or default_workers()
 
 
-def _main_threads(threads: Optional[int], workers: int, patients) -> Optional[int]:
-    """onnxruntime threads of this process: with worker processes (more than one file) it only runs the patient
-    calls, so one thread (an idle multi-thread pool would spin on cores the workers need); else --threads."""
-    return threads or (1 if workers > 1 and sum(len(p.images) for p in patients) > 1 else None)
-
-
-def _prestart(weights: Optional[Path], options, patients) -> None:
-    """Launch the worker processes now: they load their models while this process loads its own."""
-    if options.workers > 1 and sum(len(p.images) for p in patients) > 1:
+def _models_for_run(weights: Optional[Path], device: Device, threads: Optional[int], options, patients, quiet: bool):
+    """This run's models. When it uses worker processes (``options.workers`` > 1 and more than one file), they are
+    launched first, so they load their models while this process loads its own; this process then gets one
+    onnxruntime thread (it only makes the patient calls: an idle multi-thread pool would spin on the workers'
+    cores). Otherwise ``--threads``."""
+    parallel = options.workers > 1 and sum(len(p.images) for p in patients) > 1
+    if parallel:
         from allmil_cli.models import default_weights_dir
         from allmil_cli.workers import prestart
 
         prestart(weights or default_weights_dir(), options, options.workers)
+    return _models(weights, device, threads or (1 if parallel else None), quiet)
 
 
 def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, what: str):
     from allmil_cli.pipeline import Pipeline
 
     patients = _patients(input_dir, per_image, quiet)
-    _prestart(weights, options, patients)
-    models = _models(weights, device, _main_threads(threads, options.workers, patients), quiet)
+    models = _models_for_run(weights, device, threads, options, patients, quiet)
     pipeline = Pipeline(models, options)
     results = []
     with _run_guard(), _progress(len(patients), quiet, what) as tick:
@@ -239,9 +235,7 @@ def _run_cohort(input_dir, per_image, weights, quiet, options, cfg, journal_path
     patients = select(everyone, shard)
     if shard and not quiet:
         err.print(f"shard {shard[0]}/{shard[1]}: {len(patients)} of {len(everyone)} patient(s)")
-    if cfg.engine == "local":
-        _prestart(weights, options, patients)
-    models = _models(weights, Device(cfg.device), _main_threads(cfg.threads, options.workers, patients), quiet)
+    models = _models_for_run(weights, Device(cfg.device), cfg.threads, options, patients, quiet)  # ray: options.workers 1
     pipeline = Pipeline(models, options, on_field=review.on_field if review else None)
     if review:
         review.expect(patients)

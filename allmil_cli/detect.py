@@ -56,7 +56,7 @@ def prepare_input(rgb: np.ndarray, rbc_px: float, canonical_rbc_px: float, multi
     h, w = rgb.shape[:2]
     f = float(canonical_rbc_px) / max(float(rbc_px), 1e-3)
     nw, nh = max(1, int(round(w * f))), max(1, int(round(h * f)))
-    if shrinker is None or shrinker.rgb.shape[:2] != (h, w) or shrinker.rgb.shape[2] != 3:
+    if shrinker is None or shrinker.rgb.shape != rgb.shape:  # another field's, or a 4-channel one
         shrinker = Shrinker(rgb)
     small = shrinker.resize((nw, nh), 1.0)
     ph = -(-nh // multiple) * multiple

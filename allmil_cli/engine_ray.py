@@ -47,11 +47,9 @@ class PatientWorker:
     """A Ray actor: one Pipeline (models loaded once), reused for every patient sent to it."""
 
     def __init__(self, weights_dir: str, device: str, threads: int | None, options: Options) -> None:
-        from allmil_cli.images import keep_freed_buffers
         from allmil_cli.models import load_models
         from allmil_cli.pipeline import Pipeline
 
-        keep_freed_buffers()
         self.pipeline = Pipeline(load_models(Path(weights_dir), device=device, threads=threads), options)
 
     def identity(self) -> dict[str, Any]:

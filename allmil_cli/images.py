@@ -172,8 +172,8 @@ def keep_freed_buffers() -> bool:
     By default glibc hands every buffer above its (adaptive) mmap threshold fresh pages from the kernel and returns
     them on free: a Pillow decode of a 2592x1944 JPEG then takes ~12,000 page faults and ~40 ms more (90-120 vs
     54-60 ms measured here). A fixed 64 MiB threshold keeps such buffers on the heap, reused field after field
-    (at most 128 MiB of freed memory is kept before it is trimmed). Called once per process by the CLI and by
-    each worker process; returns whether it took effect."""
+    (at most 128 MiB of freed memory is kept before it is trimmed). Called by every :class:`~allmil_cli.pipeline.Pipeline`
+    (the CLI's, each worker process's, each Ray actor's); returns whether it took effect."""
     global _BUFFERS_KEPT
     if _BUFFERS_KEPT:
         return True

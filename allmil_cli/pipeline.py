@@ -23,7 +23,7 @@ from allmil_cli.crops import crop_cells
 from allmil_cli.detect import cell_box, detect_cells
 from allmil_cli.embed import Embedder
 from allmil_cli.execution import Execution
-from allmil_cli.images import MAX_PIXELS, Field, Patient
+from allmil_cli.images import MAX_PIXELS, Field, Patient, keep_freed_buffers
 from allmil_cli.labels import read_points
 from allmil_cli.models import Models
 from allmil_cli.qc import describe, patient_qc
@@ -130,6 +130,7 @@ class Pipeline(Execution):
 
     def __init__(self, models: Models, options: Options | None = None, timer: StageTimer | None = None,
                  on_field: Callable[[Patient, Field, list[Cell], float], None] | None = None) -> None:
+        keep_freed_buffers()  # this process will decode fields: each one's memory serves the next
         self.models = models
         #: Called with each analysed field while it is still decoded (patient, field, its cells, red-cell px):
         #: the review page and --crops-dir take their thumbnails here, so no image is decoded twice.

@@ -79,11 +79,9 @@ def _init_worker(weights_dir: str, sha256: dict[str, str] | None, options: Any, 
     try:
         from dataclasses import replace
 
-        from allmil_cli.images import keep_freed_buffers
         from allmil_cli.models import load_models
         from allmil_cli.pipeline import Pipeline
 
-        keep_freed_buffers()
 
         models = load_models(Path(weights_dir), device="cpu", threads=1)
         if sha256 is not None and models.sha256 != sha256:

@@ -7,10 +7,12 @@ Fields: the first ``--fields`` ALL-IDB1 images of ``--size`` (default 2592x1944,
 
 1. decode floor: a full Pillow decode of each field, serially (one core; also libjpeg-turbo straight to numpy with
    simplejpeg, which allmil uses when installed: the same pixels, faster; both taken before and after allmil's
-   runs, the lower counting, since a shared host's speed drifts; freed buffers reused as in allmil's processes) and over ``--cores`` threads (Pillow releases the GIL
-   while decoding), as fields/s; with ``--device cuda`` also nvJPEG (batched ``torchvision.io.decode_jpeg`` on the GPU);
+   runs, the lower counting, since a shared host's speed drifts; freed buffers reused as in allmil's processes)
+   and over ``--cores`` threads (Pillow releases the GIL while decoding), as fields/s; with ``--device cuda`` also
+   nvJPEG (batched ``torchvision.io.decode_jpeg`` on the GPU);
 2. allmil: ``allmil diagnose DIR --per-image --out CSV --json JSON --workers W`` as a fresh subprocess for
-   W = 1..cores, timed from start to exit (imports, model load, worker start, reports), best of ``--repeats``: the scaling curve;
+   W = 1..cores, timed from start to exit (imports, model load, worker start, reports), best of ``--repeats``:
+   the scaling curve;
 3. the paper-style stack (baseline.py's ``Baseline``: Faster R-CNN R50-FPN, AlexNet fc7, LSTM) in this process, its
    decode serial, then fed by ``--cores`` decode threads ahead (bounded), and with ``--device cuda`` fed by nvJPEG;
    on the first ``--baseline-fields`` fields (it is slow).
@@ -39,18 +41,13 @@ sys.path.insert(0, str(HERE))
 from baseline import Baseline  # noqa: E402
 from common import DEFAULT_DATA, cpu_model, decode_fast, decode_full, version_of  # noqa: E402
 
+from allmil_cli.workers import default_workers  # noqa: E402
+
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Whole-process scaling (bench/bench_scaling.py)"
 HEADER = ("| date (UTC) | machine | versions | device | fields (baseline) | floor ms/field 1 thread | floor fields/s all cores "
           "| allmil ms/field by workers | allmil fields/s by workers | baseline ms/field: serial / parallel decode / nvJPEG "
           "| allmil vs baseline (best feeding) | allmil / floor | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def floor_serial(paths: list[Path], decode=decode_full) -> float:
@@ -176,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fields", type=int, default=24, help="first N ALL-IDB1 fields of --size")
     ap.add_argument("--size", default="2592x1944", help="only fields of this WxH ('any': all sizes)")
     ap.add_argument("--baseline-fields", type=int, default=12, help="first N of those for the slow paper-style stack (0 = skip)")
-    ap.add_argument("--cores", type=int, default=cores(), help="workers go 1..cores; decode threads for the floor and the baseline")
+    ap.add_argument("--cores", type=int, default=default_workers(), help="workers go 1..cores; decode threads for the floor and the baseline")
     ap.add_argument("--workers", default=None, help="comma list of worker counts (default 1..cores)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--wait-idle", type=float, default=0.0,

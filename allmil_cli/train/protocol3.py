@@ -29,6 +29,7 @@ import argparse
 import json
 import shutil
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -187,13 +188,24 @@ def run_pbc(recipe: str, shifts: list[Shift] = STAIN_SHIFTS, verbose: bool = Tru
     return out
 
 
-def shipped_cell_threshold() -> float:
-    """The shipped recipe's blast-like cell threshold (chosen on unshifted protocol-2 out-of-fold cell scores)."""
+@lru_cache(maxsize=1)
+def _shipped_selection() -> dict:
+    """The shipped recipe's operating point, chosen on unshifted protocol-2 out-of-fold predictions (read once)."""
     from allmil_cli.train.augment import SHIPPED_RECIPE
     from allmil_cli.train.protocol2 import selection_path
 
     f = selection_path(SHIPPED_RECIPE)
-    return float(json.loads(f.read_text())["cell_threshold"]) if f.exists() else CELL_THRESHOLD
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def shipped_cell_threshold() -> float:
+    """The shipped blast-like cell threshold (raw cell score)."""
+    return float(_shipped_selection().get("cell_threshold", CELL_THRESHOLD))
+
+
+def shipped_patient_threshold() -> float:
+    """The shipped patient threshold on the raw model output."""
+    return float(_shipped_selection().get("threshold", PATIENT_THRESHOLD))
 
 
 def _pct(x: float) -> str:

@@ -14,13 +14,12 @@ the patient calls that flip (at 0.5 and at the shipped threshold), and how far p
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
 from allmil_cli import scale
 from allmil_cli.train.augment import RECIPES
-from allmil_cli.train.protocol3 import PATIENT_THRESHOLD, run_fields, summarise
+from allmil_cli.train.protocol3 import PATIENT_THRESHOLD, run_fields, shipped_patient_threshold, summarise
 from allmil_cli.train.shifts import PROTOCOL3
 
 
@@ -35,7 +34,7 @@ def compare(gap: float, recipe: str, shift_names: list[str]) -> dict[str, dict]:
             runs[g] = run_fields([recipe], shifts=shifts, verbose=False)[recipe]
     finally:
         scale.THUMB_REDUCING_GAP = saved
-    shipped = float(shipped_threshold())
+    shipped = shipped_patient_threshold()
     out = {}
     for s in shifts:
         a, b = runs[None][s.name], runs[gap][s.name]
@@ -49,15 +48,6 @@ def compare(gap: float, recipe: str, shift_names: list[str]) -> dict[str, dict]:
             "n": len(y),
         }
     return out
-
-
-def shipped_threshold() -> float:
-    """The shipped recipe's patient threshold on the raw model output (chosen on protocol-2 out-of-fold predictions)."""
-    from allmil_cli.train.augment import SHIPPED_RECIPE
-    from allmil_cli.train.protocol2 import selection_path
-
-    f = selection_path(SHIPPED_RECIPE)
-    return float(json.loads(f.read_text())["threshold"]) if f.exists() else PATIENT_THRESHOLD
 
 
 def main(argv: list[str] | None = None) -> int:
