@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from allmil_cli.cli_options import (CellSize, DecodeWorkers, DetThreshold, DeviceOpt, InputDir, MaxPixels, PerImage,
+from allmil_cli.cli_options import (CellSize, DecodeWorkers, DetThreshold, DeviceOpt, InputDir, MaxPixels, PerImage, PrecisionOpt,
     Quiet, Threads, Weights, Workers)
-from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, Device, _check_output, _models_for_run, _patients, _progress,
+from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, Device, Precision, _check_output, _models_for_run, _patients, _progress,
     _run_guard, _run_pipeline, _workers, err)
 
 
@@ -23,6 +23,7 @@ def detect(
     per_image: PerImage = False,
     weights: Weights = None,
     device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
     cell_size: CellSize = None,
     detect_threshold: DetThreshold = None,
     threads: Threads = None,
@@ -44,7 +45,7 @@ def detect(
     _check_output(out, "--out")
     patients = _patients(input_dir, per_image, quiet)
     options = Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels,
-                      decode_workers=decode_workers, workers=_workers(workers))
+                      decode_workers=decode_workers, workers=_workers(workers), precision=precision.value)
     pipeline = Pipeline(_models_for_run(weights, device, threads, options, patients, quiet), options)
     detections = DetectionsCsv()
     problems = 0
@@ -75,6 +76,7 @@ def embed(
     per_image: PerImage = False,
     weights: Weights = None,
     device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
     cell_size: CellSize = None,
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
@@ -97,7 +99,7 @@ def embed(
 
     _check_output(out, "--out")
     options = Options(cell_size=cell_size, max_pixels=max_pixels, keep_features=True, min_cells=1, decode_workers=decode_workers,
-                      workers=_workers(workers))
+                      workers=_workers(workers), precision=precision.value)
     _, _, _, results = _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, "embed")
     data, n_cells = cells_npz(results)
     atomic_write(out, data)

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from allmil_cli.cli_options import (CellSize, CropsDir, DecodeWorkers, DetThreshold, DeviceOpt, HtmlOut, InputDir,
-    MaxPixels, MinCellsNormal, PerImage, Quiet, Threads, Weights, Workers)
-from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Device, _check_output, _fail, _journal_path,
+    MaxPixels, MinCellsNormal, PerImage, PrecisionOpt, Quiet, Threads, Weights, Workers)
+from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Device, Precision, _check_output, _fail, _journal_path,
     _labels, _meta, _print_summary, _review_collector, _run_cohort, _write_review, err)
 
 
@@ -29,6 +29,7 @@ def diagnose(
     per_image: PerImage = False,
     weights: Weights = None,
     device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
     cell_size: CellSize = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="p_all above which the call is ALL \\[default: the model's].")] = None,
     band: Annotated[float, typer.Option("--indeterminate-band", min=0.0, max=0.5, help="Calls with |p_all - threshold| below this are 'indeterminate'.")] = 0.05,
@@ -73,7 +74,7 @@ def diagnose(
     review = _review_collector(html, crops_dir)
     options = Options(cell_size=cell_size, threshold=threshold, indeterminate_band=band, min_cells=min_cells,
                       min_cells_normal=min_cells_normal, detect_threshold=detect_threshold, max_pixels=max_pixels,
-                      decode_workers=decode_workers)
+                      decode_workers=decode_workers, precision=precision.value)
     from allmil_cli.engine import EngineConfig
 
     cfg = EngineConfig(engine=engine.value, workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,

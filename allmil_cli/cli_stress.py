@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from allmil_cli.cli_options import (CellSize, DecodeWorkers, DeviceOpt, HtmlOut, InputDir, MaxPixels, PerImage, Quiet,
-    Threads, Weights, Workers)
-from allmil_cli.cli_support import (EXIT_OK, EXIT_USAGE, Device, _check_output, _fail, _labels, _meta,
+    PrecisionOpt, Threads, Weights, Workers)
+from allmil_cli.cli_support import (EXIT_OK, EXIT_USAGE, Device, Precision, _check_output, _fail, _labels, _meta,
     _models_for_run, _patients, _progress, _review_collector, _run_guard, _workers, _write_review)
 
 
@@ -33,6 +33,7 @@ def stress_test(
     per_image: PerImage = False,
     weights: Weights = None,
     device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
     cell_size: CellSize = None,
     threads: Threads = None,
     max_pixels: MaxPixels = 80_000_000,
@@ -64,7 +65,7 @@ def stress_test(
     if not any(v == 1 for v in truth_labels.values()):
         _fail("no ALL patient among the labels: recall is undefined; pass --labels with at least one ALL patient.", EXIT_USAGE)
     options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth, decode_workers=decode_workers,
-                      workers=_workers(workers))
+                      workers=_workers(workers), precision=precision.value)
     models = _models_for_run(weights, device, threads, options, patients, quiet)
     review, by_condition = _review_collector(html, None), []
     with _run_guard(), _progress(len(patients) * len(conditions), quiet, "stress-test") as tick:

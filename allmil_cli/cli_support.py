@@ -30,6 +30,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+
+
 def _fail(message: str, code: int) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
@@ -74,11 +79,11 @@ def _patients(input_dir: Path, per_image: bool, quiet: bool):
     return patients
 
 
-def _models(weights: Optional[Path], device: Device, threads: Optional[int], quiet: bool):
+def _models(weights: Optional[Path], device: Device, threads: Optional[int], quiet: bool, precision: str = "fp32"):
     from allmil_cli.models import ModelError, load_models
 
     try:
-        models = load_models(weights, device=device.value, threads=threads)
+        models = load_models(weights, device=device.value, threads=threads, precision=precision)
     except ModelError as exc:
         _fail(str(exc), EXIT_MODEL)
     if models.notice and not quiet:
@@ -183,14 +188,14 @@ def _models_for_run(weights: Optional[Path], device: Device, threads: Optional[i
     """This run's models. When it uses worker processes (``options.workers`` > 1 and more than one file), they are
     launched first, so they load their models while this process loads its own; this process then gets one
     onnxruntime thread (it only makes the patient calls: an idle multi-thread pool would spin on the workers'
-    cores). Otherwise ``--threads``."""
+    cores). Otherwise ``--threads``. The workers load ``options.precision``'s models, as this process does."""
     parallel = options.workers > 1 and sum(len(p.images) for p in patients) > 1
     if parallel:
         from allmil_cli.models import default_weights_dir
         from allmil_cli.workers import prestart
 
         prestart(weights or default_weights_dir(), options, options.workers)
-    return _models(weights, device, threads or (1 if parallel else None), quiet)
+    return _models(weights, device, threads or (1 if parallel else None), quiet, options.precision)
 
 
 def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, what: str):

@@ -16,6 +16,7 @@ TRAIN_STAGES = {
     "cells": "allmil_cli.train.cells",
     "evaluate": "allmil_cli.train.evaluate",
     "protocol3": "allmil_cli.train.protocol3",
+    "quantize": "allmil_cli.train.quantize",
     "all": "allmil_cli.train.run_all",
 }
 
@@ -26,12 +27,14 @@ TRAIN_EPILOG = "Needs the training extra: pip install '.\\[train]'. Each stage h
 
 def train(
     ctx: typer.Context,
-    stage: Annotated[str, typer.Argument(help="detector | cells | evaluate | protocol3 | all | manifest", show_default=False)] = "",
+    stage: Annotated[str, typer.Argument(help="detector | cells | evaluate | protocol3 | quantize | all | manifest", show_default=False)] = "",
 ) -> None:
     """Train, evaluate and export the models (needs torch: pip install '.\\[train]').
 
     Stages: detector (WBC detector), cells (embedder FC256 + LSTM aggregator), evaluate (protocols,
-    stress test, ablations), all (everything that builds the shipped weights/), manifest (rewrite
+    stress test, ablations), quantize (int8 copies of the detector and embedder for fast CPU inference:
+    allmil train quantize --weights DIR --calibration TRAINING_IMAGES_DIR), all (everything that builds
+    the shipped weights/), manifest (rewrite
     weights/manifest.json sha256 for models you trained yourself: allmil train manifest WEIGHTS_DIR).
 
     Example:

@@ -50,7 +50,8 @@ class PatientWorker:
         from allmil_cli.models import load_models
         from allmil_cli.pipeline import Pipeline
 
-        self.pipeline = Pipeline(load_models(Path(weights_dir), device=device, threads=threads), options)
+        self.pipeline = Pipeline(load_models(Path(weights_dir), device=device, threads=threads, precision=options.precision),
+                                 options)
 
     def identity(self) -> dict[str, Any]:
         """What the driver checks before sending patients: allmil version, model sha256s, provider, host."""

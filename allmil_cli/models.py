@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 MODEL_FILES = {"detector": "detector.onnx", "embedder": "embedder.onnx", "aggregator": "aggregator.onnx"}
+#: int8 copies of the two convolutional networks, for the CPU (``allmil_cli.train.quantize`` writes them)
+INT8_FILES = {"detector": "detector_int8.onnx", "embedder": "embedder_int8.onnx"}
+#: "fp32" (the default) or "int8". int8 shifts calls toward normal (protocol 3: README, "Speed"), so it is never
+#: chosen for the user.
+PRECISIONS = ("fp32", "int8")
 MANIFEST = "manifest.json"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -40,7 +45,8 @@ def sha256_of(path: Path) -> str:
 
 def write_manifest(weights_dir: Path) -> dict[str, str]:
     """(Re)write ``manifest.json`` with the sha256 of every model present in ``weights_dir``."""
-    digests = {name: sha256_of(weights_dir / name) for name in MODEL_FILES.values() if (weights_dir / name).exists()}
+    names = [*MODEL_FILES.values(), *INT8_FILES.values()]
+    digests = {name: sha256_of(weights_dir / name) for name in names if (weights_dir / name).exists()}
     (weights_dir / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=2) + "\n")
     return digests
 
@@ -66,6 +72,13 @@ def resolve_providers(device: str) -> tuple[list[str], str | None]:
     return ["CPUExecutionProvider"], None
 
 
+def model_files(precision: str) -> dict[str, str]:
+    """Role -> file name of the models a run with ``precision`` (``fp32`` or ``int8``) loads."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"--precision {precision!r}: use fp32 or int8.")
+    return {**MODEL_FILES, **INT8_FILES} if precision == "int8" else dict(MODEL_FILES)
+
+
 @dataclass
 class Models:
     """The three inference sessions of one run, with what the reports need to say about them."""
@@ -78,6 +91,7 @@ class Models:
     provider: str = "CPUExecutionProvider"
     notice: str | None = None
     gpu_decode: bool = False  # JPEGs decoded and cropped on the GPU (allmil_cli.gpu): CUDA provider + torch with CUDA
+    precision: str = "fp32"  # "int8": the detector and embedder are the int8 copies (INT8_FILES)
 
     def metadata(self, which: str) -> dict[str, str]:
         return dict(getattr(self, which).get_modelmeta().custom_metadata_map)
@@ -97,10 +111,20 @@ def _session(path: Path, providers: list[str], threads: int | None):
         raise ModelError(f"{path}: onnxruntime cannot load this model ({exc}); re-install or re-export the weights.") from exc
 
 
+def _check_int8_source(session: Any, path: Path, float_path: Path) -> None:
+    """An int8 copy must have been made from the float model beside it (e.g. not left over from before retraining)."""
+    source = session.get_modelmeta().custom_metadata_map.get("allmil.quantized_from")
+    if source is not None and (not float_path.is_file() or sha256_of(float_path) != source):
+        raise ModelError(f"{path}: made from another {float_path.name} than the one beside it; re-make the int8 copies "
+                         "('python -m allmil_cli.train.quantize --weights DIR') or run with --precision fp32.")
+
+
 def load_models(
-    weights_dir: Path | None = None, device: str = "auto", threads: int | None = None, verify: bool = True
+    weights_dir: Path | None = None, device: str = "auto", threads: int | None = None, verify: bool = True,
+    precision: str = "fp32",
 ) -> Models:
-    """Verify and open the detector, embedder and aggregator in ``weights_dir``."""
+    """Verify and open the detector, embedder and aggregator in ``weights_dir`` (``precision="int8"``: the int8
+    copies of the detector and embedder, :data:`INT8_FILES`)."""
     weights_dir = Path(weights_dir) if weights_dir else default_weights_dir()
     if not weights_dir.is_dir():
         raise ModelError(f"{weights_dir}: weights folder not found; pass --weights DIR or re-install allmil.")
@@ -116,6 +140,7 @@ def load_models(
             expected = dict(json.loads(manifest_path.read_text())["sha256"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{manifest_path}: not a valid manifest ({exc}); restore it from the release.") from exc
+    files = model_files(precision)
     providers, notice = resolve_providers(device)
     if providers[0] == "CUDAExecutionProvider":
         import onnxruntime as ort
@@ -126,10 +151,12 @@ def load_models(
             pass
     sessions: dict[str, Any] = {}
     digests: dict[str, str] = {}
-    for role, name in MODEL_FILES.items():
+    for role, name in files.items():
         path = weights_dir / name
         if not path.is_file():
-            raise ModelError(f"{path}: model file missing; re-install allmil or pass --weights DIR holding {name}.")
+            hint = (" (int8 copies: 'python -m allmil_cli.train.quantize --weights DIR', or --precision fp32)"
+                    if name in INT8_FILES.values() else "")
+            raise ModelError(f"{path}: model file missing; re-install allmil or pass --weights DIR holding {name}{hint}.")
         digest = sha256_of(path)
         if verify:
             if name not in expected:
@@ -141,6 +168,8 @@ def load_models(
                 )
         digests[name] = digest
         sessions[role] = _session(path, providers, threads)
+        if name in INT8_FILES.values():
+            _check_int8_source(sessions[role], path, weights_dir / MODEL_FILES[role])
     used = sessions["embedder"].get_providers()[0]
     if device == "auto" and providers[0] == "CUDAExecutionProvider" and used != "CUDAExecutionProvider":
         notice = "no usable GPU found by onnxruntime-gpu; running on the CPU."
@@ -150,7 +179,8 @@ def load_models(
 
         gpu_decode, why = decode_status()
         notice = " ".join(x for x in (notice, why) if x) or None
-    return Models(weights_dir=weights_dir, sha256=digests, provider=used, notice=notice, gpu_decode=gpu_decode, **sessions)
+    return Models(weights_dir=weights_dir, sha256=digests, provider=used, notice=notice, gpu_decode=gpu_decode,
+                  precision=precision, **sessions)
 
 
 def tool_version() -> str:

@@ -62,6 +62,9 @@ class Options:
     keep_features: bool = False  # keep per-cell features/crops-free arrays for `allmil embed`
     decode_workers: int = 1  # threads decoding upcoming files (more pays off when the networks run on a GPU)
     workers: int = 1  # worker processes analysing files (1: this process, with decode look-ahead threads)
+    # detector and embedder: "fp32", or their "int8" copies (models.INT8_FILES). A Pipeline sets it to what its
+    # models are, so worker processes load the same and reports say which ran.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -136,6 +139,8 @@ class Pipeline(Execution):
         #: the review page and --crops-dir take their thumbnails here, so no image is decoded twice.
         self.on_field = on_field
         self.options = options or Options()
+        if self.options.precision != getattr(models, "precision", "fp32"):
+            self.options = replace(self.options, precision=getattr(models, "precision", "fp32"))
         self.timer = timer or StageTimer()
         self.embedder = Embedder(models.embedder)
         self.aggregator = Aggregator(models.aggregator, self.embedder.blank_features())

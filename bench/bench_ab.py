@@ -9,8 +9,10 @@ worker processes, no start-up).
 
     git worktree add /tmp/allmil-old <commit>
     python bench/bench_ab.py /tmp/allmil-old . --fields 24
+    python bench/bench_ab.py . .:int8            # one tree, ``--precision`` fp32 against int8 (TREE:PRECISION)
 
-Linux only (``taskset``); needs 2 cores. Prints ms/field per version and round; records nothing.
+Linux only (``taskset``); needs 2 cores. Prints ms/field per version and round, and each version's ms/field per stage
+(its last round); records nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 
 _CHILD = r"""
 import sys, time
-tree, folder, n, passes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+tree, folder, n, passes, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sys.path.insert(0, tree)
 from pathlib import Path
 from allmil_cli.images import load_fields
@@ -36,22 +38,24 @@ try:
 except ImportError:
     pass
 paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[:n]
-pipe = Pipeline(load_models(None, device="cpu", threads=1), Options())
+pipe = Pipeline(load_models(None, device="cpu", threads=1, **({"precision": precision} if precision else {})), Options())
 pipe.analyse_field(load_fields(paths[0])[0][0])  # warm-up
 best = float("inf")
 for _ in range(passes):
+    pipe.timer.seconds.clear()
     t = time.perf_counter()
     for p in paths:
         pipe.analyse_field(load_fields(p)[0][0])
     best = min(best, (time.perf_counter() - t) / len(paths))
+print(" ".join(f"{k}={v / len(paths) * 1e3:.1f}" for k, v in pipe.timer.seconds.items()))
 print(f"{best * 1e3:.1f}")
 """
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("a", type=Path, help="source tree of version A (a git worktree)")
-    ap.add_argument("b", type=Path, help="source tree of version B")
+    ap.add_argument("a", help="source tree of version A (a git worktree), optionally :PRECISION (fp32 or int8)")
+    ap.add_argument("b", help="source tree of version B, optionally :PRECISION")
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     ap.add_argument("--fields", type=int, default=24, help="first N 2592x1944 ALL-IDB1 fields")
     ap.add_argument("--passes", type=int, default=3)
@@ -64,19 +68,27 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="allmil-ab-") as tmp:
         for p in fields[: args.fields]:
             (Path(tmp) / p.name).symlink_to(p)
-        results: dict[str, list[float]] = {str(args.a): [], str(args.b): []}
+        if args.a == args.b:
+            raise SystemExit("A and B are the same version")
+        results: dict[str, list[float]] = {args.a: [], args.b: []}
+        stages: dict[str, str] = {}
         for cores in ((0, 1), (1, 0)):
-            procs = {tree: subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", _CHILD, str(Path(tree).resolve()), tmp,
-                                             str(args.fields), str(args.passes)], stdout=subprocess.PIPE, text=True)
-                     for tree, core in zip(results, cores)}
-            for tree, proc in procs.items():
+            procs = {}
+            for version, core in zip(results, cores):
+                tree, _, precision = version.partition(":")
+                procs[version] = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", _CHILD, str(Path(tree).resolve()),
+                                                   tmp, str(args.fields), str(args.passes), precision], stdout=subprocess.PIPE, text=True)
+            for version, proc in procs.items():
                 out, _ = proc.communicate()
                 if proc.returncode:
-                    raise SystemExit(f"{tree}: the run failed ({proc.returncode})")
-                results[tree].append(float(out.strip().splitlines()[-1]))
+                    raise SystemExit(f"{version}: the run failed ({proc.returncode})")
+                lines = out.strip().splitlines()
+                results[version].append(float(lines[-1]))
+                stages[version] = lines[-2]
     (ta, ra), (tb, rb) = results.items()
-    for tree, r in results.items():
-        print(f"{tree}: {' / '.join(f'{v:.1f}' for v in r)} ms/field (two rounds, cores swapped)")
+    for version, r in results.items():
+        print(f"{version}: {' / '.join(f'{v:.1f}' for v in r)} ms/field (two rounds, cores swapped); ms/field by stage: "
+              f"{stages[version]}")
     print(f"B vs A: {sum(rb) / sum(ra):.3f}x the time per field ({ta} -> {tb})")
 
 

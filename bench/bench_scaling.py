@@ -100,11 +100,12 @@ def floor_nvjpeg(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
-def allmil_process(folder: Path, workers: int, device: str, out: Path) -> tuple[float, float]:
+def allmil_process(folder: Path, workers: int, device: str, out: Path, precision: str = "fp32") -> tuple[float, float]:
     """Wall seconds for ``allmil diagnose`` as a whole process, and its CPU seconds (with --workers 1 only: worker
     processes are children of the forkserver, which exits unwaited, so their CPU time is not counted)."""
-    cmd = [sys.executable, "-m", "allmil_cli", "diagnose", str(folder), "--per-image", "--out", str(out / f"w{workers}.csv"),
-           "--json", str(out / f"w{workers}.json"), "--workers", str(workers), "--device", device, "-q"]
+    name = f"{precision}_w{workers}"
+    cmd = [sys.executable, "-m", "allmil_cli", "diagnose", str(folder), "--per-image", "--out", str(out / f"{name}.csv"),
+           "--json", str(out / f"{name}.json"), "--workers", str(workers), "--device", device, "--precision", precision, "-q"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cores", type=int, default=default_workers(), help="workers go 1..cores; decode threads for the floor and the baseline")
     ap.add_argument("--workers", default=None, help="comma list of worker counts (default 1..cores)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--precisions", default="fp32,int8",
+                    help="comma list of allmil --precision values, run interleaved; the first one (the default, fp32) "
+                         "gives the ratios")
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="first wait up to this many seconds for the 1-minute load average to fall below 1 (shared machine)")
     ap.add_argument("--repeats", type=int, default=3,
@@ -212,22 +216,30 @@ def main(argv: list[str] | None = None) -> None:
     print(f"decode floor: {fl_before * 1e3:.1f} ms/field on 1 thread (simplejpeg {fast_before * 1e3:.1f}); "
           f"{flp:.1f} fields/s on {args.cores} threads" + (f"; nvJPEG {fln:.0f} fields/s" if fln == fln else ""))
 
-    per_w: dict[int, float] = {}
-    cpu_w: dict[int, float] = {}
+    precisions = args.precisions.split(",")
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="allmil-scaling-") as tmp:
         folder, out = Path(tmp) / "fields", Path(tmp) / "out"
         folder.mkdir()
         out.mkdir()
         for p in paths:
             (folder / p.name).symlink_to(p)
-        for w in workers:
-            wall, cpu = min(allmil_process(folder, w, args.device, out) for _ in range(args.repeats))  # best of n
-            per_w[w], cpu_w[w] = wall / len(paths), cpu / len(paths)
-            cpu_text = f"; CPU {cpu_w[w] * 1e3:.0f} ms/field (all threads)" if w == 1 else ""
-            print(f"allmil diagnose --workers {w}: {per_w[w] * 1e3:.1f} ms/field ({1 / per_w[w]:.2f} fields/s) whole process"
-                  + cpu_text)
-        csvs = {(out / f"w{w}.csv").read_text() for w in workers}
-        print("reports identical across worker counts:", len(csvs) == 1)
+        for _ in range(args.repeats):  # interleaved, so a drifting host slows every variant alike
+            for prec in precisions:
+                for w in workers:
+                    runs.setdefault((prec, w), []).append(allmil_process(folder, w, args.device, out, prec))
+        all_w: dict[tuple[str, int], float] = {}
+        for (prec, w), got in runs.items():
+            wall, cpu = min(got)  # best of n
+            all_w[prec, w] = wall / len(paths)
+            cpu_text = f"; CPU {cpu / len(paths) * 1e3:.0f} ms/field (all threads)" if w == 1 else ""
+            print(f"allmil diagnose --precision {prec} --workers {w}: {all_w[prec, w] * 1e3:.1f} ms/field "
+                  f"({1 / all_w[prec, w]:.2f} fields/s) whole process" + cpu_text)
+        for prec in precisions:
+            csvs = {(out / f"{prec}_w{w}.csv").read_text() for w in workers}
+            print(f"--precision {prec}: reports identical across worker counts:", len(csvs) == 1)
+    per_w = {w: all_w[precisions[0], w] for w in workers}
+    cpu_w = {1: min(runs[precisions[0], 1])[1] / len(paths)} if (precisions[0], 1) in runs else {}
 
     base = {"serial": float("nan"), "parallel": float("nan"), "nvjpeg": float("nan")}
     if args.baseline_fields > 0:
@@ -252,9 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     best_base = min(v for v in base.values() if v == v) if any(v == v for v in base.values()) else float("nan")
     speedup = best_base / per_w[best_w]
     vs_floor, vs_fast = per_w[best_w] / fl1, per_w[best_w] / fast1
-    print(f"\nallmil (best: --workers {best_w}) {per_w[best_w] * 1e3:.1f} ms/field: {speedup:.1f}x faster than the paper-style "
+    others = "; ".join(f"--precision {p}: best {min(all_w[p, w] for w in workers) * 1e3:.1f} ms/field, "
+                       f"{best_base / min(all_w[p, w] for w in workers):.1f}x the stack, {min(all_w[p, w] for w in workers) / fl1:.2f}x the floor"
+                       for p in precisions[1:])
+    print(f"\nallmil --precision {precisions[0]} (best: --workers {best_w}) {per_w[best_w] * 1e3:.1f} ms/field: {speedup:.1f}x faster than the paper-style "
           f"stack at its best feeding (target >= 20x on this CPU); {vs_floor:.2f}x the 1-thread Pillow decode floor (target "
-          f"<= 2.5x); {vs_fast:.2f}x the simplejpeg floor")
+          f"<= 2.5x); {vs_fast:.2f}x the simplejpeg floor" + (f"\n{others}" if others else ""))
     load = f"load avg {load_start:.2f} -> {os.getloadavg()[0]:.2f}" + (
         f"; allmil --workers 1 CPU {cpu_w[1] * 1e3:.0f} ms/field" if 1 in cpu_w else "")
     print(load)
@@ -266,13 +281,14 @@ def main(argv: list[str] | None = None) -> None:
 
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     versions = f"allmil {__version__}, ort {ort.__version__}, torch {version_of('torch')}"
-    by_w = " / ".join(f"{w}: {per_w[w] * 1e3:.0f}" for w in workers)
-    fps = " / ".join(f"{w}: {1 / per_w[w]:.2f}" for w in workers)
+    by_w = " / ".join(f"{p} {w}: {all_w[p, w] * 1e3:.0f}" for p in precisions for w in workers)
+    fps = " / ".join(f"{p} {w}: {1 / all_w[p, w]:.2f}" for p in precisions for w in workers)
     bl = " / ".join("-" if v != v else f"{v * 1e3:,.0f}" for v in base.values())
     floor_all = f"{flp:.1f}" + (f" (nvJPEG {fln:.0f})" if fln == fln else "")
     row = (f"| {date} | {cpu_model()}, {args.cores} cores | {versions} | {args.device} | {len(paths)} ({args.baseline_fields}) "
            f"| {fl1 * 1e3:.1f} (simplejpeg {fast1 * 1e3:.1f}) | {floor_all} | {by_w} | {fps} | {bl} | {speedup:.1f}x "
-           f"| {vs_floor:.2f}x (simplejpeg floor: {vs_fast:.2f}x) | {load}; {args.note} |")
+           f"| {vs_floor:.2f}x (simplejpeg floor: {vs_fast:.2f}x) | ratios for --precision {precisions[0]}"
+           + (f" ({others})" if others else "") + f"; {load}; {args.note} |")
     append(row)
     print(f"appended to {RESULTS}")
 

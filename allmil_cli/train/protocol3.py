@@ -56,10 +56,12 @@ PBC_EVAL = {"lymphocyte": None, "monocyte": 100, "neutrophil": 100, "eosinophil"
             "erythroblast": 100}
 
 
-def fold_pipelines(recipe: str, folds: range | list[int] = range(K)) -> list[Pipeline]:
+def fold_pipelines(recipe: str, folds: range | list[int] = range(K), precision: str = "fp32") -> list[Pipeline]:
     """The recipe's protocol-2 fold models (trained or loaded from cache), exported to ONNX beside their fold
-    detector, each opened as a product ``Pipeline``."""
+    detector, each opened as a product ``Pipeline``. ``precision="int8"``: with int8 copies of the detector and
+    embedder (:mod:`allmil_cli.train.quantize`), each calibrated on its fold's training fields only."""
     from allmil_cli.normalize import meta_for
+    from allmil_cli.models import INT8_FILES
 
     P = Protocol2(recipe=recipe, cells_source="detector", verbose=False)
     rec = RECIPES[recipe]
@@ -72,8 +74,20 @@ def fold_pipelines(recipe: str, folds: range | list[int] = range(K)) -> list[Pip
                         embedder_meta=meta_for() if rec.stain_norm else None)
             shutil.copy(FOLDS_DIR / f"detector_fold{k}.onnx", d / "detector.onnx")
             write_manifest(d)
-        out.append(Pipeline(load_models(d, device="cpu", threads=1)))
+        if precision == "int8" and not all((d / f).exists() for f in INT8_FILES.values()):
+            from allmil_cli.train.quantize import quantize_weights
+
+            quantize_weights(d, calibration_fields(P, k))
+        out.append(Pipeline(load_models(d, device="cpu", threads=1, precision=precision)))
     return out
+
+
+def calibration_fields(P: Protocol2, k: int) -> list[Path]:
+    """int8 calibration fields of fold ``k``: every 2nd of its training ALL-IDB1 fields, and 16 BCCD train fields."""
+    from allmil_cli.train.quantize import bccd_calibration_fields
+
+    train = [r.path for r in P.recs if P.fold_of[r.name] != k]
+    return train[::2] + bccd_calibration_fields()
 
 
 def _match(xy: np.ndarray, pts: np.ndarray, radius: float) -> np.ndarray:
@@ -127,20 +141,24 @@ def score_field(pipes: dict[str, Pipeline], path: Path, label: int, blasts: np.n
             d["normal_flags_shipped"] += int(sum(scores[j] >= extra for j in hn if j >= 0))
 
 
-def run_fields(recipes: list[str], shifts: list[Shift] = PROTOCOL3, limit: int | None = None, verbose: bool = True) -> dict:
-    """Per recipe and shift: y, p_all per patient; blast and normal-cell hits (see the module docstring)."""
+def run_fields(recipes: list[str], shifts: list[Shift] = PROTOCOL3, limit: int | None = None, verbose: bool = True,
+               pipes: dict[str, list[Pipeline]] | None = None) -> dict:
+    """Per recipe and shift: y, p_all per patient; blast and normal-cell hits (see the module docstring).
+
+    ``pipes``: name -> the K fold pipelines, instead of the ``recipes``' own (e.g. int8 variants; ``recipes[0]``
+    still gives the folds and cells). The first one's detector finds the cells for all."""
     P = Protocol2(recipe=recipes[0], cells_source="detector", verbose=False)
-    pipes = {r: fold_pipelines(r) for r in recipes}
+    pipes = pipes or {r: fold_pipelines(r) for r in recipes}
     normals: dict[str, list[tuple[float, float]]] = {}
     for c in P.cells:
         if c.label == 0 and c.kind in ("idb1", "idb2") and c.idb1_field:
             normals.setdefault(c.idb1_field, []).append((c.x, c.y))
-    tally: dict[str, dict[str, dict]] = {r: {s.name: new_tally() for s in shifts} for r in recipes}
+    tally: dict[str, dict[str, dict]] = {r: {s.name: new_tally() for s in shifts} for r in pipes}
     recs = P.recs[:limit] if limit else P.recs
     t0 = time.time()
     for i, rec in enumerate(recs):
         k = P.fold_of[rec.name]
-        score_field({r: pipes[r][k] for r in recipes}, rec.path, rec.label, rec.blasts, np.asarray(normals.get(rec.name, [])),
+        score_field({r: pipes[r][k] for r in pipes}, rec.path, rec.label, rec.blasts, np.asarray(normals.get(rec.name, [])),
                     shifts, tally)
         if verbose and (i + 1) % 10 == 0:
             print(f"  protocol 3: {i + 1}/{len(recs)} fields, {time.time() - t0:.0f}s", flush=True)
