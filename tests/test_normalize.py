@@ -46,3 +46,17 @@ def test_metadata_switch():
     assert reference_from_meta({}) is None  # models trained on raw crops see raw crops
     bg, rbc = reference_from_meta(meta_for())
     assert np.allclose(bg, REFERENCE_BACKGROUND, atol=0.05) and np.allclose(rbc, REFERENCE_RBC, atol=0.05)
+
+
+def test_apply_is_the_per_channel_lookup_for_every_shape():
+    """StainMap.apply (Pillow's Image.point on the stacked crops) gives numpy's lut[c][x[..., c]] byte for byte."""
+    from allmil_cli.normalize import StainMap
+
+    rng = np.random.default_rng(3)
+    for shape in [(6, 224, 224, 3), (224, 224, 3), (1, 7, 9, 3), (2, 1, 1, 3), (0, 224, 224, 3), (10, 3)]:
+        lut = rng.integers(0, 256, (3, 256)).astype(np.uint8)
+        x = rng.integers(0, 256, shape).astype(np.uint8)
+        want = np.stack([lut[c][x[..., c]] for c in range(3)], axis=-1)
+        got = StainMap(lut=lut, gain=1.0, clamped=False).apply(x)
+        assert got.shape == want.shape and got.dtype == np.uint8 and np.array_equal(got, want)
+        assert got.flags.writeable
