@@ -22,7 +22,7 @@ from allmil_cli.pipeline import Options
 ENGINES = ("local", "ray")
 #: Options that only change how fast a run goes. Every other field of ``Options`` may change a call, so it is
 #: recorded in the journal and compared on --resume and by ``allmil merge`` (a new option is covered by default).
-EXECUTION_OPTIONS = frozenset({"decode_workers", "workers", "keep_features", "prefetch", "threads"})
+EXECUTION_OPTIONS = frozenset({"decode_workers", "workers", "keep_features", "prefetch", "threads", "batch_size"})
 
 
 class EngineError(Exception):

@@ -39,6 +39,7 @@ class Execution:
     embedder: Any
     on_field: Any
     embed_here: bool
+    batch_size: int
     _ahead: Any
     _pool: ProcessPool | None
     _first_here: Path | None  # the run's first file, analysed in this process while the workers start
@@ -134,7 +135,7 @@ class Execution:
         t = time.perf_counter()
         batch = [c for _, c in todo]
         out = (self._gpu.embed(batch) if self._gpu is not None
-               else self.embedder.embed(np.concatenate(batch), batch_size=self.options.batch_size))
+               else self.embedder.embed(np.concatenate(batch), batch_size=self.batch_size))
         start = 0
         for i, crops in todo:
             feats[i] = out[start : start + len(crops)]

@@ -55,7 +55,10 @@ class Options:
     min_cells: int = 1  # fewer cells => "insufficient"
     min_cells_normal: int = MIN_CELLS_NORMAL  # fewer cells and no ALL call => "insufficient"; 0 disables
     max_pixels: int = MAX_PIXELS
-    batch_size: int = 32
+    # crops per embedder call; None: 1 on the CPU, 32 on a GPU. On the CPU one crop at a time is the fastest (6.6-6.9
+    # vs 7.7-8.7 ms per crop at 32, one thread; a whole field 0.91-0.93x the time, bench/bench_ab.py): a big batch's
+    # activations no longer fit the cache. The features are the same bytes whatever the batch (tested).
+    batch_size: int | None = None
     seed: int = 0
     remove: str = "none"  # stress test: drop "blasts" or "normals" before the patient call
     truth_dir: Path | None = None  # stress test: .xyc blast centroids per image stem (else model scores)
@@ -151,6 +154,7 @@ class Pipeline(Execution):
         self._first_here: Path | None = None
         #: Embed in this process, batched across fields, when the embedder runs on a GPU; else where the crops are cut.
         self.embed_here = models.provider != "CPUExecutionProvider"
+        self.batch_size = int(self.options.batch_size or (32 if self.embed_here else 1))
         self._gpu: Any = None  # allmil_cli.gpu.GpuFront: nvJPEG decode and crops on the GPU
         if models.provider == "CUDAExecutionProvider" and getattr(models, "gpu_decode", False):
             self.use_gpu("cuda")
@@ -200,7 +204,7 @@ class Pipeline(Execution):
         t = time.perf_counter()
         crops = self._crops(fld, cells, stats)
         t = self.timer.add("crop", t)
-        feats = self.embedder.embed(crops, batch_size=self.options.batch_size)
+        feats = self.embedder.embed(crops, batch_size=self.batch_size)
         self.timer.add("embed", t)
         return self._info(fld, stats, len(cells)), cells, feats, stats
 
@@ -241,7 +245,7 @@ class Pipeline(Execution):
                 feats.append(fo.features)
                 if fo.features is None:
                     todo.append((len(feats) - 1, fo.crops))
-                    if sum(len(c) for _, c in todo) >= 4 * self.options.batch_size:
+                    if sum(len(c) for _, c in todo) >= 4 * self.batch_size:
                         self._embed_pending(feats, todo)
                 if self.on_field is not None and fo.decoded is not None:
                     self.on_field(patient, fo.decoded, fo.cells, rbc_px)

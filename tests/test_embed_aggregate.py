@@ -89,3 +89,24 @@ def test_patient_probability_deterministic(models):
     f = emb.embed(rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8))
     feats = np.concatenate([f] * 10)  # 20 cells -> two bags
     assert agg.patient_probability(feats, seed=3) == agg.patient_probability(feats, seed=3)
+
+
+def test_the_cpu_batch_size_does_not_change_a_bit(models):
+    """The pipeline embeds one crop per call on the CPU (faster) instead of 32: the same bytes, on real crops."""
+    from allmil_cli.images import load_fields
+    from allmil_cli.models import load_models
+    from allmil_cli.pipeline import Options, Pipeline
+
+    from tests.conftest import EXAMPLES
+
+    pipe = Pipeline(load_models(WEIGHTS, device="cpu", threads=1), Options())
+    assert pipe.batch_size == 1 and Pipeline(pipe.models, Options(batch_size=8)).batch_size == 8
+    crops = []
+    for path in sorted(EXAMPLES.glob("*/*.jpg")):
+        fld = load_fields(path)[0][0]
+        cells, stats = pipe.locate_cells(fld)
+        crops.append(pipe._crops(fld, cells, stats))
+    crops = np.concatenate(crops)
+    assert len(crops) >= 12
+    one = pipe.embedder.embed(crops, batch_size=1)
+    assert one.tobytes() == pipe.embedder.embed(crops, batch_size=32).tobytes() == pipe.embedder.embed(crops, batch_size=5).tobytes()
