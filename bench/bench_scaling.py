@@ -10,9 +10,9 @@ Fields: the first ``--fields`` ALL-IDB1 images of ``--size`` (default 2592x1944,
    runs, the lower counting, since a shared host's speed drifts; freed buffers reused as in allmil's processes)
    and over ``--cores`` threads (Pillow releases the GIL while decoding), as fields/s; with ``--device cuda`` also
    nvJPEG (batched ``torchvision.io.decode_jpeg`` on the GPU);
-2. allmil: ``allmil diagnose DIR --per-image --out CSV --json JSON --workers W`` as a fresh subprocess for
-   W = 1..cores, timed from start to exit (imports, model load, worker start, reports), best of ``--repeats``:
-   the scaling curve;
+2. allmil: ``allmil diagnose DIR --per-image --out CSV --json JSON --workers W --precision P`` as a fresh subprocess
+   for W = 1..cores and P in ``--precisions`` (interleaved), timed from start to exit (imports, model load, worker
+   start, reports), best of ``--repeats``: the scaling curve;
 3. the paper-style stack (baseline.py's ``Baseline``: Faster R-CNN R50-FPN, AlexNet fc7, LSTM) in this process, its
    decode serial, then fed by ``--cores`` decode threads ahead (bounded), and with ``--device cuda`` fed by nvJPEG;
    on the first ``--baseline-fields`` fields (it is slow).
