@@ -161,13 +161,19 @@ def stain_extent(rgb: np.ndarray, x: float, y: float, rbc_px: float, t: float = 
     lab, n = ndimage().label(open_cross(win[..., 2].astype(np.int16) - win[..., 1] > t))
     if n == 0:
         return fallback
-    yy, xx = np.nonzero(lab)
-    ids = lab[yy, xx]
-    near = np.unique(ids[np.hypot(xx + x0 - x, yy + y0 - y) < 0.5 * rbc_px])
-    sel = np.isin(ids, near)
-    if not sel.any():
+    # The blobs with a pixel within 0.5 rbc of (x, y): looked up in the square around that disk only; their extent is
+    # the union of their bounding boxes (find_objects). The same numbers as taking every labelled pixel (tested), 1.3
+    # instead of 1.8 ms per cell.
+    reach = 0.5 * rbc_px
+    sy0, sx0 = max(int(np.floor(y - y0 - reach)), 0), max(int(np.floor(x - x0 - reach)), 0)
+    sub = lab[sy0 : int(np.ceil(y - y0 + reach)) + 1, sx0 : int(np.ceil(x - x0 + reach)) + 1]
+    yy, xx = np.nonzero(sub)
+    near = set(sub[yy, xx][np.hypot(xx + sx0 + x0 - x, yy + sy0 + y0 - y) < reach].tolist())
+    if not near:
         return fallback
-    return float(xx[sel].max() - xx[sel].min() + 1), float(yy[sel].max() - yy[sel].min() + 1)
+    boxes = [s for i, s in enumerate(ndimage().find_objects(lab), start=1) if i in near]
+    return (float(max(s[1].stop for s in boxes) - min(s[1].start for s in boxes)),
+            float(max(s[0].stop for s in boxes) - min(s[0].start for s in boxes)))
 
 
 def cell_box(rgb: np.ndarray, x: float, y: float, rbc_px: float) -> tuple[float, float, float, float]:

@@ -85,3 +85,50 @@ def test_detects_annotated_bccd_wbc():
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         assert any(np.hypot(d.x - cx, d.y - cy) < 0.8 * rbc for d in dets), (cx, cy, dets)
     assert len(dets) <= 3
+
+
+def _stain_extent_reference(rgb, x, y, rbc_px, t=30.0):
+    """stain_extent as first written: every labelled pixel of the window, then the blobs near (x, y)."""
+    from scipy import ndimage as ndi
+
+    from allmil_cli.detect import WBC_RBC_RATIO
+    from allmil_cli.scale import open_cross
+
+    r = int(1.3 * rbc_px)
+    x0, y0 = max(int(x) - r, 0), max(int(y) - r, 0)
+    win = rgb[y0 : int(y) + r, x0 : int(x) + r]
+    fallback = (WBC_RBC_RATIO * rbc_px, WBC_RBC_RATIO * rbc_px)
+    if win.size == 0:
+        return fallback
+    lab, n = ndi.label(open_cross(win[..., 2].astype(np.int16) - win[..., 1] > t))
+    if n == 0:
+        return fallback
+    yy, xx = np.nonzero(lab)
+    ids = lab[yy, xx]
+    sel = np.isin(ids, np.unique(ids[np.hypot(xx + x0 - x, yy + y0 - y) < 0.5 * rbc_px]))
+    if not sel.any():
+        return fallback
+    return float(xx[sel].max() - xx[sel].min() + 1), float(yy[sel].max() - yy[sel].min() + 1)
+
+
+def test_stain_extent_matches_its_first_version_on_real_and_random_fields():
+    from allmil_cli.detect import stain_extent
+    from allmil_cli.images import load_fields
+
+    from tests.conftest import EXAMPLES
+
+    rng = np.random.default_rng(7)
+    fields = [load_fields(p)[0][0].rgb for p in sorted(EXAMPLES.glob("patient_B/*.jpg"))[:2]]
+    blobs = np.full((300, 400, 3), 200, np.uint8)
+    for _ in range(40):  # random purple blobs of every size, some touching the border
+        cy, cx, rr = rng.integers(0, 300), rng.integers(0, 400), rng.integers(2, 30)
+        yy, xx = np.ogrid[:300, :400]
+        blobs[(yy - cy) ** 2 + (xx - cx) ** 2 < rr ** 2] = (120, 60, 160)
+    checked = 0
+    for rgb in [*fields, blobs]:
+        h, w = rgb.shape[:2]
+        for _ in range(150):
+            x, y, rbc = rng.uniform(-5, w + 5), rng.uniform(-5, h + 5), rng.uniform(8, 90)
+            assert stain_extent(rgb, x, y, rbc) == _stain_extent_reference(rgb, x, y, rbc), (x, y, rbc)
+            checked += 1
+    assert checked == 450
