@@ -148,3 +148,17 @@ def test_an_int8_copy_of_other_float_weights_is_refused(int8_weights, tmp_path):
     with pytest.raises(ModelError, match="made from another embedder.onnx"):
         load_models(w, device="cpu", precision="int8")
     assert load_models(w, device="cpu", precision="fp32").precision == "fp32"
+
+
+def test_allmil_train_quantize_makes_copies_of_your_own_weights(tmp_path):
+    """What a lab that trained its own models runs: int8 copies from its own calibration images."""
+    pytest.importorskip("torch")  # 'allmil train' stages need the training extra
+    from tests.onnx_fixtures import make_weights
+
+    w = make_weights(tmp_path / "mine")
+    r = CliRunner().invoke(app, ["train", "quantize", "--weights", str(w), "--calibration", str(EXAMPLES / "patient_A")])
+    assert r.exit_code == 0, r.output
+    assert all((w / f).is_file() for f in INT8_FILES.values())
+    assert load_models(w, device="cpu", precision="int8").precision == "int8"  # the manifest was rewritten
+    r = CliRunner().invoke(app, ["train", "quantize", "--weights", str(w), "--calibration", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "no calibration images" in r.output

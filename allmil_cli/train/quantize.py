@@ -1,4 +1,4 @@
-"""int8 copies of the detector and the embedder for CPU inference (issue 8: throughput).
+"""int8 copies of the detector and the embedder, for faster CPU inference (opt-in: ``--precision int8``).
 
 The two convolutional networks are most of allmil's CPU time per field (about 150 of 400 ms). On a CPU with int8
 dot-product instructions (x86 VNNI/AMX, ARM dot-product) onnxruntime runs int8 convolutions 1.3-2x faster.
