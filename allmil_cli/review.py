@@ -77,18 +77,21 @@ def run_versions(models: Any) -> dict[str, Any]:
     """Model versions (``allmil.version`` metadata of each network) and the runtime, for the page's run table."""
     import onnxruntime
 
+    from allmil_cli.models import model_files
+
     versions = {}
-    for name in ("detector", "embedder", "aggregator"):
+    for name, file in model_files(getattr(models, "precision", "fp32")).items():
         try:
-            versions[f"{name}.onnx"] = models.metadata(name).get("allmil.version", "?")
+            versions[file] = models.metadata(name).get("allmil.version", "?")
         except Exception:  # noqa: BLE001 - a session without metadata still gets a page
-            versions[f"{name}.onnx"] = "?"
+            versions[file] = "?"
     return {"models_version": versions, "runtime": f"onnxruntime {onnxruntime.__version__}"}
 
 
 def _run_info(meta: dict[str, Any]) -> str:
     rows = [("tool", meta.get("tool", "")), ("command", meta.get("command", "")), ("date (UTC)", meta.get("created", "")),
             ("execution provider", meta.get("execution_provider", "")), ("runtime", meta.get("runtime", "")),
+            ("detector / embedder", (meta.get("options") or {}).get("precision", "")),
             ("input", meta.get("input", "")),
             ("weights", meta.get("weights_dir", ""))]
     out = ["<table class='kv'>"]

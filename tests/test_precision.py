@@ -87,9 +87,14 @@ def test_workers_load_the_runs_precision_and_reports_say_which(int8_weights, tmp
     runs = {}
     for precision, workers in (("int8", 1), ("int8", 2), ("fp32", 2)):
         out, js = tmp_path / f"{precision}{workers}.csv", tmp_path / f"{precision}{workers}.json"
+        page = tmp_path / f"{precision}{workers}.html"
         r = CliRunner().invoke(app, ["diagnose", str(EXAMPLES), "--weights", str(int8_weights), "--precision", precision,
-                                     "--workers", str(workers), "--device", "cpu", "--out", str(out), "--json", str(js), "--quiet"])
+                                     "--workers", str(workers), "--device", "cpu", "--out", str(out), "--json", str(js),
+                                     "--html", str(page), "--quiet"])
         assert r.exit_code in (0, 1), r.output
+        html = page.read_text()
+        assert f"<td>detector / embedder</td><td>{precision}</td>" in html  # the reviewer sees which models called
+        assert ("embedder_int8.onnx" in html) == (precision == "int8")
         doc = json.loads(js.read_text())
         assert doc["options"]["precision"] == precision
         assert set(INT8_FILES.values()) <= set(doc["models_sha256"]) if precision == "int8" else not set(INT8_FILES.values()) & set(doc["models_sha256"])
