@@ -161,7 +161,12 @@ def test_allmil_train_quantize_makes_copies_of_your_own_weights(tmp_path):
     from tests.onnx_fixtures import make_weights
 
     w = make_weights(tmp_path / "mine")
-    r = CliRunner().invoke(app, ["train", "quantize", "--weights", str(w), "--calibration", str(EXAMPLES / "patient_A")])
+    images = tmp_path / "calibration"
+    images.mkdir()
+    for p in sorted(EXAMPLES.glob("patient_A/*.jpg"))[:3]:
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / "broken.jpg").write_bytes(b"not a jpeg")  # left out with a note, not a crash
+    r = CliRunner().invoke(app, ["train", "quantize", "--weights", str(w), "--calibration", str(images)])
     assert r.exit_code == 0, r.output
     assert all((w / f).is_file() for f in INT8_FILES.values())
     assert load_models(w, device="cpu", precision="int8").precision == "int8"  # the manifest was rewritten

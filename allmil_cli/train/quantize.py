@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from allmil_cli.detect import model_meta, prepare_input
-from allmil_cli.images import load_fields
+from allmil_cli.images import ImageError, load_fields
 from allmil_cli.models import INT8_FILES, sha256_of
 
 #: op types quantised (everything else stays float). The activations (Clip = ReLU6, Relu) must be among them, or
@@ -54,12 +55,17 @@ CALIBRATION = {"embedder": ("Percentile", 99.99), "detector": ("MinMax", None)}
 def calibration_inputs(pipe, paths: list[Path]) -> tuple[list[np.ndarray], np.ndarray]:
     """Detector inputs (one [1,3,H,W] float32 per field) and embedder crops ([N,224,224,3] uint8, stain-mapped)
     of ``paths``, made by ``pipe`` (an :class:`allmil_cli.pipeline.Pipeline` with the float models) exactly as
-    the product makes them."""
+    the product makes them. An unreadable image is left out, with a note on stderr."""
     det_inputs: list[np.ndarray] = []
     crops: list[np.ndarray] = []
     canonical = model_meta(pipe.models.detector)["canonical_rbc_px"]
     for path in paths:
-        for fld in load_fields(path)[0]:
+        try:
+            fields = load_fields(path)[0]
+        except ImageError as exc:
+            print(f"calibration: skipped {exc}", file=sys.stderr)
+            continue
+        for fld in fields:
             stats = pipe.measure(fld.rgb, fld.shrinker())
             det_inputs.append(prepare_input(fld.rgb, stats.rbc_px, canonical, shrinker=fld.shrinker())[0])
             cells, stats = pipe.locate_cells(fld, stats)
