@@ -13,7 +13,7 @@ from rich.markup import escape
 from allmil_cli.cli_options import (CellSize, DecodeWorkers, DetThreshold, DeviceOpt, InputDir, MaxPixels, PerImage, PrecisionOpt,
     Quiet, Threads, Weights, Workers)
 from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, Device, Precision, _check_output, _models_for_run, _patients, _progress,
-    _run_guard, _run_pipeline, _workers, err)
+    _run_guard, _run_pipeline, _warm_workers, _workers, err)
 
 
 def detect(
@@ -38,6 +38,7 @@ def detect(
 
         allmil detect ./patients --out detections.csv --crops ./crops
     """
+    _warm_workers(input_dir, workers, device)
     from allmil_cli.cell_export import DetectionsCsv, save_crops
     from allmil_cli.pipeline import Options, Pipeline
     from allmil_cli.report import write_report
@@ -93,6 +94,7 @@ def embed(
 
         allmil embed ./patients --out cells.npz
     """
+    _warm_workers(input_dir, workers, device)
     from allmil_cli.cell_export import cells_npz
     from allmil_cli.pipeline import Options
     from allmil_cli.report import atomic_write

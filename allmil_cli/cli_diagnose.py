@@ -13,7 +13,7 @@ import typer
 from allmil_cli.cli_options import (CellSize, CropsDir, DecodeWorkers, DetThreshold, DeviceOpt, HtmlOut, InputDir,
     MaxPixels, MinCellsNormal, PerImage, PrecisionOpt, Quiet, Threads, Weights, Workers)
 from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Device, Precision, _check_output, _fail, _journal_path,
-    _labels, _meta, _print_summary, _review_collector, _run_cohort, _write_review, err)
+    _labels, _meta, _print_summary, _review_collector, _run_cohort, _warm_workers, _write_review, err)
 
 
 class Engine(str, Enum):
@@ -62,6 +62,7 @@ def diagnose(
 
         allmil diagnose ./archive --out shard3.csv --json shard3.json --shard 3/16 --resume --engine ray
     """
+    _warm_workers(input_dir, workers, device, engine.value)
     from allmil_cli.pipeline import Options
     from allmil_cli.report import csv_text, metrics_for, report_json, write_report
 

@@ -14,7 +14,7 @@ from rich.table import Table
 from allmil_cli.cli_options import (CellSize, DecodeWorkers, DeviceOpt, HtmlOut, InputDir, MaxPixels, PerImage, Quiet,
     PrecisionOpt, Threads, Weights, Workers)
 from allmil_cli.cli_support import (EXIT_OK, EXIT_USAGE, Device, Precision, _check_output, _fail, _labels, _meta,
-    _models_for_run, _patients, _progress, _review_collector, _run_guard, _workers, _write_review)
+    _models_for_run, _patients, _progress, _review_collector, _run_guard, _warm_workers, _workers, _write_review)
 
 
 class Remove(str, Enum):
@@ -50,6 +50,7 @@ def stress_test(
 
         allmil stress-test ALL-IDB1/im --per-image --truth ALL-IDB1/xyc --out stress.csv
     """
+    _warm_workers(input_dir, workers, device)
     from allmil_cli.labels import labels_from_names
     from allmil_cli.pipeline import Options
     from allmil_cli.report import atomic_write

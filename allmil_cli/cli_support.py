@@ -3,6 +3,7 @@ progress, run the pipeline or a cohort engine, and print the summary. Used by th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -182,6 +183,41 @@ def _workers(workers: Optional[int]) -> int:
     from allmil_cli.workers import default_workers
 
     return workers or default_workers()
+
+
+def _warm_workers(input_dir: Path, workers: Optional[int], device: Device, engine: str = "local") -> None:
+    """First thing a command that may use worker processes does: start their forkserver, so its imports run beside
+    this process's instead of after them (the workers are created later, once the run's files are known). Only when
+    ``input_dir`` holds more than one file: a single field is analysed here, and the forkserver's imports would
+    compete with this process's onnxruntime threads (measured: 0.1-0.3 s slower)."""
+    if engine == "local" and device != Device.cuda and _workers(workers) > 1 and _more_than_one_file(input_dir):
+        from allmil_cli.workers import start_forkserver
+
+        start_forkserver()
+
+
+def _more_than_one_file(folder: Path) -> bool:
+    """Whether ``folder`` or its subfolders (one level down) hold more than one visible file (a quick look)."""
+    seen = 0
+    try:
+        todo = [Path(folder)]
+        for depth in range(2):
+            nxt = []
+            for d in todo:
+                with os.scandir(d) as it:
+                    for entry in it:
+                        if entry.name.startswith("."):
+                            continue
+                        if entry.is_file():
+                            seen += 1
+                            if seen > 1:
+                                return True
+                        elif entry.is_dir() and depth == 0:
+                            nxt.append(Path(entry.path))
+            todo = nxt
+    except OSError:
+        return False
+    return False
 
 
 def _models_for_run(weights: Optional[Path], device: Device, threads: Optional[int], options, patients, quiet: bool):

@@ -301,3 +301,22 @@ def test_the_schedule_keeps_order_drops_what_is_skipped_and_knows_its_keys():
     assert list(q.upcoming) == ["d", "e"] and q.is_upcoming("d")
     q.clear()
     assert not q.upcoming and not q.pending and not q.is_upcoming("e")
+
+
+def test_the_forkserver_is_started_early_only_when_there_is_more_than_one_file(tmp_path):
+    """A command starts the workers' forkserver first thing when its folder holds more than one file; a single field
+    is analysed in this process, where the forkserver's imports would only compete with it."""
+    from allmil_cli.cli_support import _more_than_one_file
+
+    assert not _more_than_one_file(tmp_path / "missing")
+    assert not _more_than_one_file(tmp_path)
+    (tmp_path / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f1.jpg").write_bytes(b"x")
+    assert not _more_than_one_file(tmp_path)  # hidden files do not count
+    (tmp_path / "a" / "deeper").mkdir()
+    (tmp_path / "a" / "deeper" / "f2.jpg").write_bytes(b"x")
+    assert not _more_than_one_file(tmp_path)  # two levels only, as patient folders are
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "f3.jpg").write_bytes(b"x")
+    assert _more_than_one_file(tmp_path)
