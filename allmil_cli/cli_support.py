@@ -3,12 +3,12 @@ progress, run the pipeline or a cohort engine, and print the summary. Used by th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from enum import Enum
+from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
@@ -196,28 +196,23 @@ def _warm_workers(input_dir: Path, workers: Optional[int], device: Device, engin
         start_forkserver()
 
 
+def _visible_files(folder: Path) -> Iterator[Path]:
+    """The files in ``folder`` and in its subfolders (one level down, as patient folders are), hidden ones left out."""
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            yield from (p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
+        elif entry.is_file():
+            yield entry
+
+
 def _more_than_one_file(folder: Path) -> bool:
-    """Whether ``folder`` or its subfolders (one level down) hold more than one visible file (a quick look)."""
-    seen = 0
+    """Whether ``folder`` holds more than one file (a quick look: the second one found ends it)."""
     try:
-        todo = [Path(folder)]
-        for depth in range(2):
-            nxt = []
-            for d in todo:
-                with os.scandir(d) as it:
-                    for entry in it:
-                        if entry.name.startswith("."):
-                            continue
-                        if entry.is_file():
-                            seen += 1
-                            if seen > 1:
-                                return True
-                        elif entry.is_dir() and depth == 0:
-                            nxt.append(Path(entry.path))
-            todo = nxt
+        return next(islice(_visible_files(Path(folder)), 1, None), None) is not None
     except OSError:
         return False
-    return False
 
 
 def _models_for_run(weights: Optional[Path], device: Device, threads: Optional[int], options, patients, quiet: bool):

@@ -142,8 +142,9 @@ class Pipeline(Execution):
         #: the review page and --crops-dir take their thumbnails here, so no image is decoded twice.
         self.on_field = on_field
         self.options = options or Options()
-        if self.options.precision != getattr(models, "precision", "fp32"):
-            self.options = replace(self.options, precision=getattr(models, "precision", "fp32"))
+        precision = getattr(models, "precision", "fp32")
+        if self.options.precision != precision:
+            self.options = replace(self.options, precision=precision)
         self.timer = timer or StageTimer()
         self.embedder = Embedder(models.embedder)
         self.aggregator = Aggregator(models.aggregator, self.embedder.blank_features())

@@ -166,9 +166,10 @@ class ProcessPool:
     def launch(self) -> None:
         """Start the workers loading their models, without waiting for them.
 
-        The forkserver starts here and imports the pipeline in the background (~0.6 s); creating a worker waits
-        for those imports, so the workers are created in a thread: this process imports and loads its own models
-        meanwhile (measured: ``prestart`` held the main process 0.54-0.61 s before)."""
+        The forkserver starts here, unless :func:`start_forkserver` started it already, and imports the pipeline in
+        the background (~0.6 s); creating a worker waits for those imports, so the workers are created in a thread:
+        this process imports and loads its own models meanwhile (measured: ``prestart`` held the main process
+        0.54-0.61 s before)."""
         if self._starting or self._launcher is not None:
             return
         self._context()  # quick; and signal dispositions can only be set from the main thread
