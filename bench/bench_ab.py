@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import DEFAULT_DATA, first_fields  # noqa: E402
 
 _CHILD = r"""
 import sys, time
@@ -56,17 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", help="source tree of version A (a git worktree), optionally :PRECISION (fp32 or int8)")
     ap.add_argument("b", help="source tree of version B, optionally :PRECISION")
-    ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--fields", type=int, default=24, help="first N 2592x1944 ALL-IDB1 fields")
     ap.add_argument("--passes", type=int, default=3)
     args = ap.parse_args(argv)
     import tempfile
 
-    from PIL import Image
-
-    fields = [p for p in sorted((args.data / "ALL-IDB1" / "im").glob("*.jpg")) if Image.open(p).size == (2592, 1944)]
+    fields = first_fields(args.data, args.fields)
     with tempfile.TemporaryDirectory(prefix="allmil-ab-") as tmp:
-        for p in fields[: args.fields]:
+        for p in fields:
             (Path(tmp) / p.name).symlink_to(p)
         if args.a == args.b:
             raise SystemExit("A and B are the same version")

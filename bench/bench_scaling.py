@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from baseline import Baseline  # noqa: E402
-from common import DEFAULT_DATA, cpu_model, decode_fast, decode_full, version_of  # noqa: E402
+from common import DEFAULT_DATA, cpu_model, decode_fast, decode_full, field_size, first_fields, version_of  # noqa: E402
 
 from allmil_cli.workers import default_workers  # noqa: E402
 
@@ -196,18 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     from allmil_cli.images import keep_freed_buffers
 
     keep_freed_buffers()
-    paths = sorted((args.data / "ALL-IDB1" / "im").glob("*.jpg"))
-    if args.size != "any":
-        w, h = (int(v) for v in args.size.lower().split("x"))
-        paths = [p for p in paths if _size(p) == (h, w)]
-    paths = paths[: args.fields]
-    if not paths:
-        raise SystemExit(f"{args.data}/ALL-IDB1/im: no images; pass --data")
-    for p in paths:
-        p.read_bytes()  # page cache: nobody pays the first disk read
-    sizes = sorted({_size(p) for p in paths})
+    paths = first_fields(args.data, args.fields, args.size)
+    sizes = sorted({field_size(p) for p in paths})
     workers = [int(w) for w in args.workers.split(",")] if args.workers else list(range(1, args.cores + 1))
-    print(f"{len(paths)} ALL-IDB1 fields {', '.join(f'{w}x{h}' for h, w in sizes)}; cores {args.cores}; device {args.device}; "
+    print(f"{len(paths)} ALL-IDB1 fields {', '.join(f'{w}x{h}' for w, h in sizes)}; cores {args.cores}; device {args.device}; "
           f"load average {load_start:.2f}")
 
     fl_before, fast_before = floors(paths, args.repeats)
@@ -291,13 +283,6 @@ def main(argv: list[str] | None = None) -> None:
            + (f" ({others})" if others else "") + f"; {load}; {args.note} |")
     append(row)
     print(f"appended to {RESULTS}")
-
-
-def _size(p: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(p) as im:
-        return im.height, im.width
 
 
 if __name__ == "__main__":

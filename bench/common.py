@@ -137,6 +137,27 @@ def list_images(data: Path, key: str, limit: int | None) -> list[Path]:
     return paths[:limit] if limit else paths
 
 
+def first_fields(data: Path, n: int | None, size: str = "2592x1944") -> list[Path]:
+    """The first ``n`` ALL-IDB1 fields of ``size`` (``WxH``; ``"any"``: every size), sorted by name, each read once so
+    nobody pays the first disk read (issue 8's protocol: the first 24 of 2592x1944)."""
+    paths = sorted((data / "ALL-IDB1" / "im").glob("*.jpg"))
+    if size != "any":
+        w, h = (int(v) for v in size.lower().split("x"))
+        paths = [p for p in paths if field_size(p) == (w, h)]
+    paths = paths[:n] if n else paths
+    if not paths:
+        raise SystemExit(f"{data}/ALL-IDB1/im: no {size} images; pass --data DIR holding ALL-IDB1/im.")
+    for p in paths:
+        p.read_bytes()
+    return paths
+
+
+def field_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file."""
+    with Image.open(path) as im:
+        return im.size
+
+
 # ---- decoding a field -------------------------------------------------------------------------
 def decode_full(path: Path) -> np.ndarray:
     with Image.open(path) as im:
