@@ -42,7 +42,6 @@ class Execution:
     batch_size: int
     _ahead: Any
     _pool: ProcessPool | None
-    _first_here: Path | None  # the run's first file, analysed in this process while the workers start
     _gpu: Any
 
     def use_gpu(self, device: str = "cuda") -> None:
@@ -107,8 +106,7 @@ class Execution:
         """The patient's files analysed in order: by the worker processes when ``Options.workers`` > 1."""
         keep = self.on_field is not None
         pool = self._workers_for(patient.images)
-        if (pool is not None and patient.images and patient.images[0] != self._first_here
-                and not pool.scheduled(patient.images[0], mode, keep)):
+        if pool is not None and patient.images and not pool.scheduled(patient.images[0], mode, keep):
             pool.schedule(list(patient.images), mode, keep)  # not announced by prefetch: its fields still run in parallel
         for path in patient.images:
             outcome = self._gpu.analyse_file(path, mode, keep) if self._gpu is not None else None
@@ -156,10 +154,10 @@ class Execution:
         if pool is not None:
             if mode == "analyse" and self.embed_here:
                 mode = "crops"
-            # This process analyses the first file itself while the workers start (imports, models: ~1 s), then
-            # only collects: the files are the same, so are the results.
-            self._first_here = paths[0]
-            pool.schedule(paths[1:], mode, self.on_field is not None)
+            # Every file goes to the workers, the first one too: this process only collects. Analysing the first
+            # file here while the workers start put a third process on the cores and held the workers' next files
+            # back until it was done (24 fields: 0.95x and 0.97x the time without it, 12 of 16 interleaved runs faster).
+            pool.schedule(paths, mode, self.on_field is not None)
         else:
             self._ahead.schedule(paths)
 

@@ -152,7 +152,6 @@ class Pipeline(Execution):
         self.cell_threshold = self.aggregator.cell_threshold
         self._ahead = ThreadLookahead(self._read, self.options.decode_workers)
         self._pool: ProcessPool | None = None
-        self._first_here: Path | None = None
         #: Embed in this process, batched across fields, when the embedder runs on a GPU; else where the crops are cut.
         self.embed_here = models.provider != "CPUExecutionProvider"
         self.batch_size = int(self.options.batch_size or (32 if self.embed_here else 1))

@@ -259,20 +259,22 @@ def test_prestarted_workers_are_taken_over_only_when_they_fit(models, cohort, se
     assert [_flat(r) for r in results] == [_flat(r) for r in serial]
 
 
-def test_this_process_analyses_the_first_file_while_the_workers_start(models, cohort, serial):
+def test_every_file_goes_to_the_workers_and_this_process_analyses_none(models, cohort, serial):
     from allmil_cli.images import discover_patients
     from allmil_cli.pipeline import Options, Pipeline
 
     patients, _ = discover_patients(cohort)
     pipe = Pipeline(models, Options(workers=2, keep_features=True))
     pipe.prefetch(patients)
-    first, second = patients[0].images[:2]
-    assert pipe._first_here == first
-    assert not pipe._pool.scheduled(first, "analyse", False) and pipe._pool.scheduled(second, "analyse", False)
+    files = [f for p in patients for f in p.images]
+    assert all(pipe._pool.scheduled(f, "analyse", False) for f in files)
+    here: list = []
+    pipe.analyse_file = lambda *a, **k: here.append(a) or Pipeline.analyse_file(pipe, *a, **k)  # would be this process's
     try:
         parallel = [pipe.diagnose_patient(p) for p in patients]
     finally:
         pipe.close()
+    assert here == []
     assert [_flat(r) for r in parallel] == [_flat(r) for r in serial]
 
 
