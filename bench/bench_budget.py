@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import DEFAULT_DATA, cpu_model, decode_fast, decode_full, first_fields, version_of  # noqa: E402
+from common import DEFAULT_DATA, append_row, cpu_model, decode_fast, decode_full, first_fields, version_of  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Per-field budget (bench/bench_budget.py)"
@@ -128,16 +128,6 @@ def start_up(path: Path, field_ms: float, repeats: int) -> float:
     return best - field_ms / 1e3
 
 
-def record(row: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{HEADER}"
-    head, _, tail = text.partition(SECTION)
-    table_end = tail.find("\n\n", tail.find("|---"))
-    tail = tail + row + "\n" if table_end < 0 else tail[:table_end] + "\n" + row + tail[table_end:]
-    RESULTS.write_text(head + SECTION + tail)
-
-
 _CHILD = "import sys; sys.path.insert(0, sys.argv[1]); import bench_budget; bench_budget.child(sys.argv[2:])"
 
 
@@ -216,9 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     by_stage = " / ".join(f"{k} {v:.0f}" for k, v in stages.items())
     note = "; ".join(x for x in (f"allmil {version_of('allmil')}, ort {version_of('onnxruntime')}", args.note) if x)
-    record(f"| {when} | {cpu_model()}, {len(cores)} cores | {len(paths)} | {cells:.1f} | {floor:.1f} (simplejpeg {fast:.1f}) "
+    row = (f"| {when} | {cpu_model()}, {len(cores)} cores | {len(paths)} | {cells:.1f} | {floor:.1f} (simplejpeg {fast:.1f}) "
            f"| {speedup:.2f}x / {decode_speedup:.2f}x | {by_stage} = {work:.0f} | {work / floor:.2f}x "
            f"| {stages.get('embed', 0.0) / floor:.2f}x | {boot:.2f} | {allowance:.0f} ms (it costs {work / allowance:.2f}x that) | {note} |")
+    append_row(RESULTS, SECTION, HEADER, row)
     print(f"recorded in {RESULTS}")
 
 

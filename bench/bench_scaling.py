@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from baseline import Baseline  # noqa: E402
-from common import DEFAULT_DATA, cpu_model, decode_fast, decode_full, field_size, first_fields, version_of  # noqa: E402
+from common import DEFAULT_DATA, append_row, cpu_model, decode_fast, decode_full, field_size, first_fields, version_of  # noqa: E402
 
 from allmil_cli.workers import default_workers  # noqa: E402
 
@@ -150,22 +150,6 @@ def baseline_nvjpeg(base: Baseline, paths: list[Path]) -> float:
         base.run_field(p, {}, decoded=img)
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / len(paths)
-
-
-def append(row: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# allmil benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + HEADER
-        RESULTS.write_text(text + row + "\n")
-        return
-    head, tail = text.split(SECTION, 1)
-    lines = tail.split("\n")
-    first = next(i for i, line in enumerate(lines) if line.startswith("|"))  # the section's table header
-    last = first
-    while last + 1 < len(lines) and lines[last + 1].startswith("|"):
-        last += 1
-    lines.insert(last + 1, row)  # right under the table's last row, before any text or subsection after it
-    RESULTS.write_text(head + SECTION + "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
            f"| {fl1 * 1e3:.1f} (simplejpeg {fast1 * 1e3:.1f}) | {floor_all} | {by_w} | {fps} | {bl} | {speedup:.1f}x "
            f"| {vs_floor:.2f}x (simplejpeg floor: {vs_fast:.2f}x) | ratios for --precision {precisions[0]}"
            + (f" ({others})" if others else "") + f"; {load}; {args.note} |")
-    append(row)
+    append_row(RESULTS, SECTION, HEADER, row)
     print(f"appended to {RESULTS}")
 
 

@@ -101,6 +101,22 @@ def measured(phase: Phase) -> Iterator[Phase]:
     phase.rss_peak_mib = peak_rss_mib()
 
 
+def append_row(results: Path, section: str, header: str, row: str) -> None:
+    """Append ``row`` right under the last row of ``section``'s table in ``results`` (made, with ``header``, if absent),
+    before any text or subsection that follows the table."""
+    text = results.read_text() if results.exists() else "# allmil benchmark results\n"
+    if section not in text:
+        results.write_text(text.rstrip("\n") + "\n\n" + section + "\n\n" + header + row + "\n")
+        return
+    head, tail = text.split(section, 1)
+    lines = tail.split("\n")
+    last = next(i for i, line in enumerate(lines) if line.startswith("|"))  # the section's table header
+    while last + 1 < len(lines) and lines[last + 1].startswith("|"):
+        last += 1
+    lines.insert(last + 1, row)
+    results.write_text(head + section + "\n".join(lines))
+
+
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
