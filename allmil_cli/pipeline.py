@@ -136,7 +136,7 @@ class Pipeline(Execution):
 
     def __init__(self, models: Models, options: Options | None = None, timer: StageTimer | None = None,
                  on_field: Callable[[Patient, Field, list[Cell], float], None] | None = None) -> None:
-        keep_freed_buffers()  # this process will decode fields: each one's memory serves the next
+        keep_freed_buffers()  # a process that decodes fields: each one's memory serves the next
         self.models = models
         #: Called with each analysed field while it is still decoded (patient, field, its cells, red-cell px):
         #: the review page and --crops-dir take their thumbnails here, so no image is decoded twice.

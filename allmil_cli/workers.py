@@ -82,7 +82,6 @@ def _init_worker(weights_dir: str, sha256: dict[str, str] | None, options: Any, 
         from allmil_cli.models import load_models
         from allmil_cli.pipeline import Pipeline
 
-
         models = load_models(Path(weights_dir), device="cpu", threads=1, precision=options.precision)
         if sha256 is not None and models.sha256 != sha256:
             raise RuntimeError(f"{weights_dir}: the model files changed since the run started; restart the run.")

@@ -1,11 +1,12 @@
 """int8 copies of the detector and the embedder, for faster CPU inference (opt-in: ``--precision int8``).
 
-The two convolutional networks are most of allmil's CPU time per field (about 150 of 400 ms). On a CPU with int8
+The two convolutional networks are about half of allmil's CPU time per field (132 of 244 ms on one core,
+``bench/bench_budget.py``). On a CPU with int8
 dot-product instructions (x86 VNNI/AMX, ARM dot-product) onnxruntime runs int8 convolutions 1.3-2x faster.
 :func:`quantize_weights` writes ``detector_int8.onnx`` and ``embedder_int8.onnx`` beside the float models:
 
-- static quantisation (QDQ format): int8 weights per output channel, uint8 activations, ranges from MinMax
-  calibration on real inputs made by the product path (:func:`calibration_inputs`: ruler, detector input,
+- static quantisation (QDQ format): int8 weights per output channel, uint8 activations, ranges calibrated
+  (:data:`CALIBRATION`) on real inputs made by the product path (:func:`calibration_inputs`: ruler, detector input,
   crops, stain map) from calibration fields that must not be test fields;
 - only the convolutions (and the residual additions between them) are quantised: the embedder's input
   normalisation, its pooling and its FC(256) stay float, and so does the aggregator (small);
@@ -94,7 +95,8 @@ def quantize(src: Path, dst: Path, arrays: list[np.ndarray], method: str = "MinM
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    source = onnx.load(str(src), load_external_data=False)
+    name = source.graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
@@ -104,7 +106,7 @@ def quantize(src: Path, dst: Path, arrays: list[np.ndarray], method: str = "MinM
                         op_types_to_quantize=QUANTISED_OPS, calibrate_method=CalibrationMethod[method],
                         extra_options={"CalibPercentile": percentile} if percentile else {})
         model = onnx.load(str(out))
-        meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+        meta = {p.key: p.value for p in source.metadata_props}
         meta["allmil.precision"] = "int8"
         meta["allmil.quantized_from"] = sha256_of(src)  # load_models refuses a copy of another float model
         del model.metadata_props[:]

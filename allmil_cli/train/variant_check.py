@@ -26,7 +26,7 @@ import numpy as np
 from allmil_cli import scale
 from allmil_cli.train.augment import RECIPES
 from allmil_cli.train.protocol3 import OUT, PATIENT_THRESHOLD, fold_pipelines, run_fields, shipped_patient_threshold, summarise
-from allmil_cli.train.shifts import PROTOCOL3
+from allmil_cli.train.shifts import PROTOCOL3, Shift
 
 DEFAULT_SHIFTS = ["none", "res20+jpeg70", "res14+jpeg70", "hue+20", "blur"]
 
@@ -62,18 +62,16 @@ def lines(label: str, result: dict[str, dict]) -> list[str]:
     return out
 
 
-def int8(recipe: str, shift_names: list[str], limit: int | None = None) -> dict[str, dict]:
+def int8(recipe: str, shifts: list[Shift], limit: int | None = None) -> dict[str, dict]:
     """Float fold models against their int8 copies: ``embedder`` only (same cells) and ``both`` networks."""
-    shifts = [s for s in PROTOCOL3 if s.name in shift_names]
     fp32, q = fold_pipelines(recipe), fold_pipelines(recipe, precision="int8")
     shared = run_fields([recipe], shifts, limit, verbose=False, pipes={"fp32": fp32, "int8_embedder": q})
     own = run_fields([recipe], shifts, limit, verbose=False, pipes={"int8": q})
     return {"embedder": compare(shared["fp32"], shared["int8_embedder"]), "both": compare(shared["fp32"], own["int8"])}
 
 
-def ruler(gap: float, recipe: str, shift_names: list[str], limit: int | None = None) -> dict[str, dict]:
+def ruler(gap: float, recipe: str, shifts: list[Shift], limit: int | None = None) -> dict[str, dict]:
     """The exact ruler against a thumbnail made with ``reducing_gap=gap``."""
-    shifts = [s for s in PROTOCOL3 if s.name in shift_names]
     runs = {}
     saved = scale.THUMB_REDUCING_GAP
     try:
@@ -96,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    result = int8(a.recipe, a.shifts, a.limit) if a.variant == "int8" else ruler(a.gap, a.recipe, a.shifts, a.limit)
+    shifts = [s for s in PROTOCOL3 if s.name in a.shifts]
+    result = int8(a.recipe, shifts, a.limit) if a.variant == "int8" else ruler(a.gap, a.recipe, shifts, a.limit)
     for label, per in result.items():
         print("\n".join(lines(label, per)))
     if not a.limit:
