@@ -36,6 +36,8 @@ from typing import Callable
 
 import numpy as np
 
+from allmil_cli.decision import FALLBACK_RULE, RuleParams
+
 BAG_SIZE = 15
 COMBINES = ("max", "mean", "noisy_or", "series")
 
@@ -103,6 +105,11 @@ class Aggregator:
     def cell_threshold(self) -> float:
         """Threshold on :meth:`cell_scores` that counts a cell as 'blast-like'."""
         return self._cell_threshold
+
+    @property
+    def rule(self) -> RuleParams:
+        """The patient rule's parameters shipped with the model (``allmil.rule.*``), else :data:`FALLBACK_RULE`."""
+        return RuleParams.from_meta(self.meta) or FALLBACK_RULE
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """features [B,T,256] -> the model's p_all [B] (uncalibrated)."""

@@ -31,8 +31,7 @@ def diagnose(
     device: DeviceOpt = Device.auto,
     precision: PrecisionOpt = Precision.fp32,
     cell_size: CellSize = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="p_all above which the call is ALL \\[default: the model's].")] = None,
-    band: Annotated[float, typer.Option("--indeterminate-band", min=0.0, max=0.5, help="Calls with |p_all - threshold| below this are 'indeterminate'.")] = 0.05,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="p_all threshold of the LSTM-only metrics that --labels adds (the call itself is the blast-percentage rule) \\[default: the model's].")] = None,
     min_cells: Annotated[int, typer.Option("--min-cells", min=1, help="Patients with fewer white cells are 'insufficient'.")] = 1,
     min_cells_normal: MinCellsNormal = 4,
     html: HtmlOut = None,
@@ -50,7 +49,7 @@ def diagnose(
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor (e.g. 1, or 0.25 to share a GPU); 0 = CPU actors.")] = 0.0,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join a running Ray cluster (e.g. 10.0.0.1:6379 or auto) \\[default: start a local one].")] = None,
 ) -> None:
-    """Call each patient ALL / normal / indeterminate, with p_all and the blast-like cells behind it.
+    """Call each patient ALL / review / normal from its blast-like percentage (with its 95 % interval), and p_all.
 
     Example:
 
@@ -73,7 +72,7 @@ def diagnose(
     _check_output(html, "--html")
     _check_output(journal, "--journal")
     review = _review_collector(html, crops_dir)
-    options = Options(cell_size=cell_size, threshold=threshold, indeterminate_band=band, min_cells=min_cells,
+    options = Options(cell_size=cell_size, threshold=threshold, min_cells=min_cells,
                       min_cells_normal=min_cells_normal, detect_threshold=detect_threshold, max_pixels=max_pixels,
                       decode_workers=decode_workers, precision=precision.value)
     from allmil_cli.engine import EngineConfig

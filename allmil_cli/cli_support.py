@@ -145,10 +145,13 @@ def _print_summary(results, pipeline, metrics: Optional[dict[str, Any]]) -> None
         err.print(f"... and {len(results) - SUMMARY_ROWS} more patients: see the report.")
     err.print(counts_line(results))
     if metrics:
+        sc = metrics["screen"]
         err.print(
-            f"[bold]metrics[/] (n={metrics['n']}, threshold {metrics['threshold']:.3f}): accuracy {metrics['accuracy']:.4f}  "
+            f"[bold]metrics[/] (n={metrics['n']}; ALL call): accuracy {metrics['accuracy']:.4f}  "
             f"F1 {metrics['f1']:.4f}  sensitivity {metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}  "
-            f"ROC AUC {metrics['roc_auc']:.4f}  confusion [tp {metrics['tp']} fn {metrics['fn']} / fp {metrics['fp']} tn {metrics['tn']}]"
+            f"confusion [tp {metrics['tp']} fn {metrics['fn']} / fp {metrics['fp']} tn {metrics['tn']}]; "
+            f"screen (ALL or review): sensitivity {sc['sensitivity']:.4f} specificity {sc['specificity']:.4f}; "
+            f"{metrics['n_review']} review; p_all ROC AUC {metrics['roc_auc']:.4f}"
         )
 
 

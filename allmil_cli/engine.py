@@ -50,6 +50,8 @@ def fingerprint(models: Models, options: Options, threshold: float, per_image: b
     for f in dataclasses.fields(options):
         if f.name not in EXECUTION_OPTIONS:
             value = getattr(options, f.name)
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
             opts[f.name] = str(value) if isinstance(value, Path) else value
     opts["threshold"] = threshold  # the effective one (the model's when not given)
     opts["per_image"] = per_image

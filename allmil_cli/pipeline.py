@@ -20,6 +20,7 @@ import numpy as np
 
 from allmil_cli.aggregate import Aggregator
 from allmil_cli.crops import crop_cells
+from allmil_cli.decision import RuleParams, decide
 from allmil_cli.detect import cell_box, detect_cells
 from allmil_cli.embed import Embedder
 from allmil_cli.execution import Execution
@@ -50,8 +51,8 @@ class Options:
 
     cell_size: float | None = None  # red-cell diameter in px; None = estimate per field
     detect_threshold: float | None = None  # None = the detector's own
-    threshold: float | None = None  # patient p_all threshold; None = the aggregator's own
-    indeterminate_band: float = 0.05  # |p_all - threshold| below this => "indeterminate"
+    threshold: float | None = None  # p_all threshold for --labels metrics of p_all; None = the aggregator's own
+    rule: RuleParams | None = None  # the patient rule's parameters; None = the aggregator's own (or a site profile's)
     min_cells: int = 1  # fewer cells => "insufficient"
     min_cells_normal: int = MIN_CELLS_NORMAL  # fewer cells and no ALL call => "insufficient"; 0 disables
     max_pixels: int = MAX_PIXELS
@@ -99,13 +100,18 @@ class ImageResult:
 class PatientResult:
     patient: str
     status: str  # ok / failed / insufficient
-    call: str  # ALL / normal / indeterminate
+    call: str  # ALL / review / normal (allmil_cli.decision); "review" too when no call is possible
     p_all: float
     n_images: int
     n_cells: int
     n_blast_like: int
     blast_fraction: float
     reason: str = ""
+    # blast-like percentage of the counted cells and its 95 % Wilson interval (percent; nan without cells)
+    blast_pct: float = float("nan")
+    blast_pct_lo: float = float("nan")
+    blast_pct_hi: float = float("nan")
+    rule: dict = field(default_factory=dict)  # the patient rule's numbers for this patient (decision.Decision.evidence)
     images: list[ImageResult] = field(default_factory=list)
     cells: list[Cell] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -149,6 +155,8 @@ class Pipeline(Execution):
         self.embedder = Embedder(models.embedder)
         self.aggregator = Aggregator(models.aggregator, self.embedder.blank_features())
         self.threshold = self.options.threshold if self.options.threshold is not None else self.aggregator.threshold
+        #: The patient rule (allmil_cli.decision): a site profile's or the options', else the model's own.
+        self.rule: RuleParams = self.options.rule or self.aggregator.rule
         self.cell_threshold = self.aggregator.cell_threshold
         self._ahead = ThreadLookahead(self._read, self.options.decode_workers)
         self._pool: ProcessPool | None = None
@@ -271,8 +279,8 @@ class Pipeline(Execution):
     def decide(self, patient: Patient, ev: Evidence, remove: str | None = None) -> PatientResult:
         """Per-cell blast scores, optional removal (stress test), the patient call, and its quality flags.
 
-        A patient with a QC flag (``allmil_cli.qc``) is never silently called ``normal``: the call becomes
-        ``indeterminate`` with the flags in the reason. ``ALL`` calls stand (ruling in needs less evidence)."""
+        The call is :func:`allmil_cli.decision.decide` on the blast-like count. A patient with a QC flag
+        (``allmil_cli.qc``) is never silently called ``normal``: the call becomes ``review`` with the flags in the reason. ``ALL`` calls stand (ruling in needs less evidence)."""
         result = self._call(patient, ev, remove)
         if result.status == "failed":
             return result
@@ -280,9 +288,9 @@ class Pipeline(Execution):
         qc = patient_qc(fields, result.n_cells, self.options.min_cells_normal, self.embedder.stain_reference)
         result.qc, result.qc_details = qc.flags, qc.details
         if result.call == "normal" and qc.flags:
-            result.call = "indeterminate"
-            result.reason = " ".join(x for x in (f"Would be called normal (p_all {result.p_all:.4f}), but {describe(qc)} "
-                                                 "Review the fields before ruling out ALL.", result.reason) if x)
+            result.call = "review"
+            result.reason = " ".join(x for x in (f"Would be called normal ({result.reason.rstrip('.')}), but {describe(qc)} "
+                                                 "Review the fields before ruling out ALL.",) if x)
         return result
 
     def _call(self, patient: Patient, ev: Evidence, remove: str | None = None) -> PatientResult:
@@ -300,12 +308,12 @@ class Pipeline(Execution):
                     skipped=skipped)
         if not patient.images:
             extra = f" ({len(skipped)} file(s) skipped: see the JSON report)" if skipped else ""
-            return PatientResult(status="insufficient", call="indeterminate", p_all=float("nan"), n_cells=0,
+            return PatientResult(status="insufficient", call="review", p_all=float("nan"), n_cells=0,
                                  n_blast_like=0, blast_fraction=float("nan"),
                                  reason=f"no images in {patient.folder}{extra}; add JPEG/PNG/TIFF fields of this patient.", **base)
         if n_ok == 0:
             first = next((i.reason for i in images if i.reason), "no usable image")
-            return PatientResult(status="failed", call="indeterminate", p_all=float("nan"), n_cells=0,
+            return PatientResult(status="failed", call="review", p_all=float("nan"), n_cells=0,
                                  n_blast_like=0, blast_fraction=float("nan"),
                                  reason=f"none of {len(images)} image(s) could be read; first problem: {first}", **base)
         X = np.concatenate(feats, axis=0)  # n_ok > 0, so at least one field's (possibly empty) features
@@ -330,26 +338,23 @@ class Pipeline(Execution):
             self.timer.add("aggregate", t)
             why = (f"{n_cells} white cell(s) found in {n_ok} usable image(s), fewer than --min-cells {opts.min_cells}; "
                    "add fields, or check the magnification (--cell-size).")
-            return PatientResult(status="insufficient", call="indeterminate", p_all=float("nan"), n_cells=n_cells,
+            return PatientResult(status="insufficient", call="review", p_all=float("nan"), n_cells=n_cells,
                                  n_blast_like=n_blast, blast_fraction=float("nan"),
                                  reason=" ".join(x for x in (why, partial) if x), cells=cells,
                                  features=X if opts.keep_features else None, **base)
         p = float(self.aggregator.patient_probability(kept, seed=opts.seed))
         self.timer.add("aggregate", t)
-        if abs(p - self.threshold) < opts.indeterminate_band:
-            call = "indeterminate"
-        else:
-            call = "ALL" if p >= self.threshold else "normal"
-        if call != "ALL" and n_cells < opts.min_cells_normal:  # adequacy: ruling out needs enough cells
+        d = decide(n_blast, n_cells, self.rule)
+        counts = dict(n_cells=n_cells, n_blast_like=n_blast, blast_fraction=n_blast / n_cells, blast_pct=d.blast_pct,
+                      blast_pct_lo=d.blast_pct_lo, blast_pct_hi=d.blast_pct_hi, rule=d.evidence(self.rule), cells=cells,
+                      features=X if opts.keep_features else None, **base)
+        if d.call != "ALL" and n_cells < opts.min_cells_normal:  # adequacy: ruling out needs enough cells
             why = (f"only {n_cells} white cell(s), {n_blast} blast-like, in {n_ok} usable image(s): too few to rule out ALL "
                    f"(--min-cells-normal {opts.min_cells_normal}; model p_all {p:.4f}). Add fields of this patient.")
-            return PatientResult(status="insufficient", call="indeterminate", p_all=float("nan"), n_cells=n_cells,
-                                 n_blast_like=n_blast, blast_fraction=n_blast / n_cells if n_cells else float("nan"),
-                                 reason=" ".join(x for x in (why, partial) if x), cells=cells,
-                                 features=X if opts.keep_features else None, **base)
-        return PatientResult(status="ok", call=call, p_all=p, n_cells=n_cells, n_blast_like=n_blast,
-                             blast_fraction=n_blast / n_cells, reason="", cells=cells,
-                             features=X if opts.keep_features else None, **base)
+            return PatientResult(status="insufficient", call="review", p_all=float("nan"),
+                                 reason=" ".join(x for x in (why, partial) if x), **counts)
+        return PatientResult(status="ok", call=d.call, p_all=p, reason=" ".join(x for x in (d.reason + ".", partial) if x),
+                             **counts)
 
     def run(self, patients: Iterable[Patient], on_done: Callable[[PatientResult], None] | None = None) -> Iterator[PatientResult]:
         """Diagnose patients one by one (streamed); their files are read (or, with worker processes, analysed) ahead."""

@@ -22,7 +22,8 @@ from typing import Any
 from allmil_cli.metrics import binary_metrics
 from allmil_cli.pipeline import PatientResult
 
-CSV_COLUMNS = ["patient", "status", "call", "p_all", "n_images", "n_cells", "n_blast_like", "blast_fraction", "qc", "reason"]
+CSV_COLUMNS = ["patient", "status", "call", "p_all", "n_images", "n_cells", "n_blast_like", "blast_fraction", "blast_pct",
+               "blast_pct_lo", "blast_pct_hi", "qc", "reason"]
 
 
 def current_umask() -> int:
@@ -68,7 +69,7 @@ def csv_text(results: Sequence[PatientResult], labels: dict[str, int] | None = N
     w.writerow(columns)
     for r in results:
         row = [r.patient, r.status, r.call, _num(r.p_all), r.n_images, r.n_cells, r.n_blast_like, _num(r.blast_fraction),
-               ";".join(r.qc), r.reason]
+               _num(r.blast_pct, 1), _num(r.blast_pct_lo, 1), _num(r.blast_pct_hi, 1), ";".join(r.qc), r.reason]
         if labels:
             lab = labels.get(r.patient)
             row.append("" if lab is None else ("ALL" if lab else "normal"))
@@ -100,23 +101,30 @@ def patient_json(r: PatientResult) -> dict[str, Any]:
     ]
     d["notes"] = list(r.notes)
     d["qc_details"] = dict(r.qc_details)
+    d["rule"] = dict(r.rule)
     d["qc"] = list(getattr(r, "qc", None) or [])
     d["skipped"] = [dict(s) for s in getattr(r, "skipped", None) or []]
     return _clean(d)
 
 
 def metrics_for(results: Sequence[PatientResult], labels: dict[str, int], threshold: float) -> dict[str, Any] | None:
-    """Metrics over the ``ok`` patients that have a label; indeterminate calls count by p_all >= threshold."""
-    rows = [(labels[r.patient], r.p_all) for r in results if r.ok and r.patient in labels]
+    """Metrics over the ``ok`` patients that have a label.
+
+    The headline metrics score the ``ALL`` call (ALL vs review or normal: ALL-call sensitivity and specificity);
+    ``screen`` scores ALL or review vs normal (a screen misses an ALL patient only when it is called normal); ROC AUC
+    ranks by p_all, ``p_all`` holds the metrics of p_all >= ``threshold`` (the LSTM alone, the paper's view)."""
+    rows = [(labels[r.patient], r) for r in results if r.ok and r.patient in labels]
     if not rows:
         return None
     y = [a for a, _ in rows]
-    s = [b for _, b in rows]
-    m = binary_metrics(y, [int(v >= threshold) for v in s], s)
+    s = [r.p_all for _, r in rows]
+    m = binary_metrics(y, [int(r.call == "ALL") for _, r in rows], s)
+    m["screen"] = binary_metrics(y, [int(r.call != "normal") for _, r in rows], s)
+    m["p_all"] = binary_metrics(y, [int(v >= threshold) for v in s], s)
     m["threshold"] = threshold
     m["n_unlabelled"] = sum(1 for r in results if r.patient not in labels)
     m["n_not_ok"] = sum(1 for r in results if not r.ok and r.patient in labels)
-    m["n_indeterminate"] = sum(1 for r in results if r.ok and r.call == "indeterminate" and r.patient in labels)
+    m["n_review"] = sum(1 for _, r in rows if r.call == "review")
     return m
 
 

@@ -1,0 +1,146 @@
+"""The patient decision: a blast-like percentage with its uncertainty, and a call that holds as a lab scans more.
+
+A patient's evidence is a count: ``k`` of its ``n`` white cells score at or above the cell threshold ("blast-like").
+The blast-like percentage ``100 k / n`` is reported with its 95 % Wilson score interval. The call compares the count
+with two rates measured on held-out cells (``weights/MODEL_CARD.md``, *Patient rule*):
+
+* ``background``: the blast-like rate that normal blood shows (the model's per-cell false-positive rate on held-out
+  normal white cells, lymphocyte-rich and immature mixes included; a healthy person's blood holds no blasts);
+* ``all_rate``: the blast-like rate at and above which the count meets the ALL criterion (WHO/ICC: >= 20 % blasts),
+  expressed on the model's scale: between ``background`` and the rate a 20 %-blast patient shows.
+
+Calls:
+
+* ``ALL``: the blast-like rate exceeds ``background`` with strong evidence (one-sided exact binomial test,
+  p < ``alpha``) **and** the blast-like percentage is at least ``all_rate``;
+* ``review``: the rate exceeds ``background`` (same test) but the percentage is below ``all_rate``: blast-like cells
+  beyond what normal blood shows but short of the ALL criterion (a haematologist and flow cytometry decide);
+* ``normal``: no excess over ``background`` and the upper end of the 95 % interval is at most ``all_rate``: enough
+  cells to exclude the ALL level (with none blast-like, 16 cells; ruling out needs more cells than ruling in);
+* ``review`` otherwise: too few cells to exclude the ALL level.
+
+Why it is consistent: for a fixed mix of cells the blast-like fraction converges to its rate ``r`` as cells are
+added. A benign mix (``r <= background < all_rate``) can then only drift away from ``ALL`` (the point estimate
+settles below ``all_rate`` and the test rejects ever more rarely when ``r < background``) and toward ``normal``
+(the interval narrows below ``all_rate``); a mix at the ALL criterion (``r > all_rate``) converges to ``ALL``; a mix in
+between converges to ``review``. The old rule (any bag holding one blast-like cell is ALL, bags combined by ``max``)
+did the opposite: the more cells, the surer of ALL.
+
+The paper's LSTM still gives ``p_all`` (reported, not the call). A stage function over plain numbers: no models, no
+I/O; :func:`decide` is what ``Pipeline`` calls and what protocol 4 (``allmil_cli.train.protocol4``) evaluates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+from typing import Any
+
+#: The calls a patient with a result can get.
+CALLS = ("ALL", "review", "normal")
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class RuleParams:
+    """The rule's parameters (shipped in the aggregator's ``allmil.rule.*`` metadata; see the model card)."""
+
+    background: float  # blast-like rate (0..1) of normal blood, per cell
+    all_rate: float  # blast-like rate (0..1) at which the ALL criterion is met
+    alpha: float = 0.01  # one-sided test level for "more blast-like cells than normal blood"
+    confidence: float = CONFIDENCE  # two-sided interval reported with the percentage
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.background < self.all_rate < 1.0:
+            raise ValueError(f"need 0 < background ({self.background}) < all_rate ({self.all_rate}) < 1")
+        if not 0.0 < self.alpha < 0.5 or not 0.5 < self.confidence < 1.0:
+            raise ValueError("alpha must be in (0, 0.5) and confidence in (0.5, 1)")
+
+    def to_meta(self) -> dict[str, str]:
+        return {f"allmil.rule.{k}": repr(float(v)) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, str]) -> RuleParams | None:
+        if "allmil.rule.background" not in meta:
+            return None
+        return cls(**{k: float(meta[f"allmil.rule.{k}"]) for k in ("background", "all_rate", "alpha", "confidence")
+                      if f"allmil.rule.{k}" in meta})
+
+
+#: For aggregators without ``allmil.rule.*`` metadata (weights trained before the rule, or by hand). Provisional.
+FALLBACK_RULE = RuleParams(background=0.10, all_rate=0.20)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The call with the numbers behind it (``blast_pct*`` in percent, ``p_excess`` the test's p-value)."""
+
+    call: str
+    blast_pct: float
+    blast_pct_lo: float
+    blast_pct_hi: float
+    p_excess: float
+    reason: str
+
+    def evidence(self, params: RuleParams) -> dict[str, Any]:
+        """What the JSON report and review page show of the rule for this patient."""
+        return {"rule": "blast-percentage", "p_excess": self.p_excess, "background_pct": 100 * params.background,
+                "all_pct": 100 * params.all_rate, "alpha": params.alpha, "confidence": params.confidence}
+
+
+def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Two-sided Wilson score interval for a binomial proportion k/n (equals scipy.stats.binomtest(k, n)
+    .proportion_ci(confidence, 'wilson'); tested). (nan, nan) for n = 0."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (0.0 if k <= 0 else max(0.0, centre - half)), (1.0 if k >= n else min(1.0, centre + half))
+
+
+def excess_pvalue(k: int, n: int, background: float) -> float:
+    """One-sided exact binomial p-value of k or more blast-like cells of n if the rate were ``background``."""
+    if n <= 0 or k <= 0:
+        return 1.0
+    from scipy.special import bdtrc  # P(X > k - 1) for X ~ Binomial(n, p); scipy.special, not the heavier scipy.stats
+
+    return float(bdtrc(k - 1, n, background))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}" if 100 * x >= 10 or x == 0 else f"{100 * x:.1f}"
+
+
+def decide(n_blast_like: int, n_cells: int, params: RuleParams) -> Decision:
+    """The call for ``n_blast_like`` blast-like cells among ``n_cells`` (n_cells >= 1)."""
+    if n_cells <= 0:
+        raise ValueError("decide() needs at least one cell")
+    k, n = int(n_blast_like), int(n_cells)
+    rate = k / n
+    lo, hi = wilson_interval(k, n, params.confidence)
+    p = excess_pvalue(k, n, params.background)
+    ci = f"{_pct(rate)} % blast-like (95 % CI {_pct(lo)}-{_pct(hi)} %) of {n} cells"
+    excess = p < params.alpha  # more blast-like cells than normal blood shows, with strong evidence
+    if excess and rate >= params.all_rate:
+        call = "ALL"
+        why = f"{ci}: at or above the ALL level {_pct(params.all_rate)} % and beyond normal blood ({_pct(params.background)} %)"
+    elif excess:
+        call = "review"
+        why = (f"{ci}: more blast-like cells than normal blood shows ({_pct(params.background)} %) but below the ALL level "
+               f"{_pct(params.all_rate)} %; review the cells, consider flow cytometry")
+    elif hi <= params.all_rate:
+        call = "normal"
+        why = (f"{ci}: not more than normal blood shows ({_pct(params.background)} %) beyond chance, and the ALL level "
+               f"{_pct(params.all_rate)} % is excluded")
+    elif rate >= params.all_rate:
+        call = "review"
+        why = (f"{ci}: at the ALL level {_pct(params.all_rate)} % but too few cells to tell from normal blood "
+               f"({_pct(params.background)} %); add fields of this patient")
+    else:
+        call = "review"
+        why = f"{ci}: too few cells to exclude the ALL level {_pct(params.all_rate)} %; add fields of this patient"
+    return Decision(call=call, blast_pct=100 * rate, blast_pct_lo=100 * lo, blast_pct_hi=100 * hi, p_excess=p, reason=why)
