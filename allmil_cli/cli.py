@@ -7,8 +7,10 @@ What they share: ``cli_options`` (argument and option types) and ``cli_support``
 Exit codes (also in README and ``allmil --help``):
   0  every patient was analysed (status ok)
   1  the run finished and reports were written, but some patients are failed or insufficient
-  2  usage or input error (bad option, missing input folder, output folder missing, bad labels file)
+  2  usage or input error (bad option, missing input folder, output folder missing, bad labels file; another run
+     is using the same journal)
   3  model error (weights missing, sha256 mismatch, model cannot be loaded, CUDA asked for but absent)
+  4  an output could not be written (read-only, permission denied, disk full, quota); the line names the file
   130 interrupted (Ctrl-C); no partial report is left behind
 """
 

@@ -12,10 +12,12 @@ from rich.markup import escape
 
 from allmil_cli.cli_options import (CellSize, DecodeWorkers, DetThreshold, DeviceOpt, InputDir, MaxPixels, PerImage, PrecisionOpt,
     Quiet, Threads, Weights, Workers)
-from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, Device, Precision, _check_output, _models_for_run, _patients, _progress,
-    _run_guard, _run_pipeline, _warm_workers, _workers, err)
+from allmil_cli.cli_outputs import check_outputs, fails_cleanly
+from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, Device, Precision, _models_for_run, _patients, _progress, _run_guard,
+    _run_pipeline, _warm_workers, _workers, err)
 
 
+@fails_cleanly
 def detect(
     input_dir: InputDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV, one row per detected white cell ('-' for stdout).")] = Path("detections.csv"),
@@ -38,12 +40,12 @@ def detect(
 
         allmil detect ./patients --out detections.csv --crops ./crops
     """
+    check_outputs({"--out": out}, {"--crops": crops})
     _warm_workers(input_dir, workers, device)
     from allmil_cli.cell_export import DetectionsCsv, save_crops
     from allmil_cli.pipeline import Options, Pipeline
     from allmil_cli.report import write_report
 
-    _check_output(out, "--out")
     patients = _patients(input_dir, per_image, quiet)
     options = Options(cell_size=cell_size, detect_threshold=detect_threshold, max_pixels=max_pixels,
                       decode_workers=decode_workers, workers=_workers(workers), precision=precision.value)
@@ -71,6 +73,7 @@ def detect(
     raise typer.Exit(EXIT_OK if problems == 0 else EXIT_PARTIAL)
 
 
+@fails_cleanly
 def embed(
     input_dir: InputDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="NPZ file: features, boxes, blast scores, patient and image per cell.")] = Path("cells.npz"),
@@ -94,12 +97,12 @@ def embed(
 
         allmil embed ./patients --out cells.npz
     """
+    check_outputs({"--out": out})
     _warm_workers(input_dir, workers, device)
     from allmil_cli.cell_export import cells_npz
     from allmil_cli.pipeline import Options
     from allmil_cli.report import atomic_write
 
-    _check_output(out, "--out")
     options = Options(cell_size=cell_size, max_pixels=max_pixels, keep_features=True, min_cells=1, decode_workers=decode_workers,
                       workers=_workers(workers), precision=precision.value)
     _, _, _, results = _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options, "embed")

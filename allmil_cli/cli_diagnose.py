@@ -12,8 +12,9 @@ import typer
 
 from allmil_cli.cli_options import (CellSize, CropsDir, DecodeWorkers, DetThreshold, DeviceOpt, HtmlOut, InputDir,
     MaxPixels, MinCellsNormal, PerImage, PrecisionOpt, Quiet, Threads, Weights, Workers)
-from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Device, Precision, _check_output, _fail, _journal_path,
-    _labels, _meta, _print_summary, _review_collector, _run_cohort, _warm_workers, _write_review, err)
+from allmil_cli.cli_outputs import check_outputs, fails_cleanly
+from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Device, Precision, _fail, _journal_path, _labels, _meta,
+    _print_summary, _review_collector, _run_cohort, _warm_workers, _write_review, err)
 
 
 class Engine(str, Enum):
@@ -21,6 +22,7 @@ class Engine(str, Enum):
     ray = "ray"
 
 
+@fails_cleanly
 def diagnose(
     input_dir: InputDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV report, one row per patient ('-' for stdout).")] = Path("report.csv"),
@@ -32,6 +34,7 @@ def diagnose(
     precision: PrecisionOpt = Precision.fp32,
     cell_size: CellSize = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="p_all threshold of the LSTM-only metrics that --labels adds (the call itself is the blast-percentage rule) \\[default: the model's].")] = None,
+    cell_threshold: Annotated[Optional[float], typer.Option("--cell-threshold", min=0.0, max=1.01, help="Blast score at or above which a cell counts as blast-like \\[default: the model's].")] = None,
     min_cells: Annotated[int, typer.Option("--min-cells", min=1, help="Patients with fewer white cells are 'insufficient'.")] = 1,
     min_cells_normal: MinCellsNormal = 4,
     html: HtmlOut = None,
@@ -61,18 +64,16 @@ def diagnose(
 
         allmil diagnose ./archive --out shard3.csv --json shard3.json --shard 3/16 --resume --engine ray
     """
+    if str(out) == "-" and json_out == "-":
+        _fail("--out - and --json - both ask for stdout; send one of them to a file.", EXIT_USAGE)
+    journal = journal or _journal_path(out, json_out, resume)
+    check_outputs({"--out": out, "--json": json_out, "--html": html}, {"--crops-dir": crops_dir}, journal=journal)
     _warm_workers(input_dir, workers, device, engine.value)
     from allmil_cli.pipeline import Options
     from allmil_cli.report import csv_text, metrics_for, report_json, write_report
 
-    if str(out) == "-" and json_out == "-":
-        _fail("--out - and --json - both ask for stdout; send one of them to a file.", EXIT_USAGE)
-    _check_output(out, "--out")
-    _check_output(json_out, "--json")
-    _check_output(html, "--html")
-    _check_output(journal, "--journal")
     review = _review_collector(html, crops_dir)
-    options = Options(cell_size=cell_size, threshold=threshold, min_cells=min_cells,
+    options = Options(cell_size=cell_size, threshold=threshold, cell_threshold=cell_threshold, min_cells=min_cells,
                       min_cells_normal=min_cells_normal, detect_threshold=detect_threshold, max_pixels=max_pixels,
                       decode_workers=decode_workers, precision=precision.value)
     from allmil_cli.engine import EngineConfig
@@ -80,7 +81,7 @@ def diagnose(
     cfg = EngineConfig(engine=engine.value, workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
                        device=device.value, threads=threads)
     patients, models, pipeline, results = _run_cohort(input_dir, per_image, weights, quiet, options, cfg,
-                                                      journal or _journal_path(out, json_out, resume), resume, shard, review)
+                                                      journal, resume, shard, review)
     truth = _labels(labels, [p.name for p in patients])
     metrics = metrics_for(results, truth, pipeline.threshold) if truth else None
     write_report(out, csv_text(results, truth))
@@ -100,6 +101,7 @@ def diagnose(
     raise typer.Exit(EXIT_OK if all(r.ok for r in results) else EXIT_PARTIAL)
 
 
+@fails_cleanly
 def merge(
     reports: Annotated[list[Path], typer.Argument(help="Shard journals (*.journal.jsonl), or shard reports with their journal beside them.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Merged CSV report ('-' for stdout).")] = Path("merged.csv"),
@@ -120,8 +122,7 @@ def merge(
 
     if str(out) == "-" and json_out == "-":
         _fail("--out - and --json - both ask for stdout; send one of them to a file.", EXIT_USAGE)
-    _check_output(out, "--out")
-    _check_output(json_out, "--json")
+    check_outputs({"--out": out, "--json": json_out})
     try:
         merged = merge_journals(list(reports))
     except MergeError as exc:

@@ -9,7 +9,7 @@ import typer
 
 from allmil_cli.cli_support import Device, Precision
 
-EPILOG_CODES = "Exit codes: 0 all patients ok; 1 some patients failed/insufficient (reports written); 2 usage/input error; 3 model error; 130 interrupted."
+EPILOG_CODES = "Exit codes: 0 all patients ok; 1 some patients failed/insufficient (reports written); 2 usage/input error; 3 model error; 4 an output could not be written; 130 interrupted."
 
 InputDir = Annotated[Path, typer.Argument(help="Folder with one subfolder per patient (or images, with --per-image).", show_default=False)]
 PerImage = Annotated[bool, typer.Option("--per-image", help="Treat every image as its own patient (ALL-IDB1 style).")]

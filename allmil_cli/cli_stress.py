@@ -13,8 +13,8 @@ from rich.table import Table
 
 from allmil_cli.cli_options import (CellSize, DecodeWorkers, DeviceOpt, HtmlOut, InputDir, MaxPixels, PerImage, Quiet,
     PrecisionOpt, Threads, Weights, Workers)
-from allmil_cli.cli_support import (EXIT_OK, EXIT_USAGE, Device, Precision, _check_output, _fail, _labels, _meta,
-    _models_for_run, _patients, _progress, _review_collector, _run_guard, _warm_workers, _workers, _write_review)
+from allmil_cli.cli_outputs import check_outputs, fails_cleanly
+from allmil_cli.cli_support import (EXIT_OK, EXIT_USAGE, Device, Precision, _fail, _labels, _meta, _models_for_run, _patients, _progress, _review_collector, _run_guard, _warm_workers, _workers, _write_review)
 
 
 class Remove(str, Enum):
@@ -23,6 +23,7 @@ class Remove(str, Enum):
     normals = "normals"
 
 
+@fails_cleanly
 def stress_test(
     input_dir: InputDir,
     remove: Annotated[Optional[list[Remove]], typer.Option("--remove", help="Condition(s) to run; repeat the flag. \\[default: none, blasts, normals]")] = None,
@@ -50,14 +51,13 @@ def stress_test(
 
         allmil stress-test ALL-IDB1/im --per-image --truth ALL-IDB1/xyc --out stress.csv
     """
+    check_outputs({"--out": out, "--html": html})
     _warm_workers(input_dir, workers, device)
     from allmil_cli.labels import labels_from_names
     from allmil_cli.pipeline import Options
     from allmil_cli.report import atomic_write
     from allmil_cli.stress import calls_by_patient, rows_csv, run_stress_test
 
-    _check_output(out, "--out")
-    _check_output(html, "--html")
     if truth is not None and not truth.is_dir():
         _fail(f"--truth {truth}: not a folder of .xyc files.", EXIT_USAGE)
     conditions = [c.value for c in (remove or [Remove.none, Remove.blasts, Remove.normals])]

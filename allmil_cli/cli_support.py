@@ -162,10 +162,12 @@ def _review_collector(html: Optional[Path], crops_dir: Optional[Path]):
     from allmil_cli.review_capture import ReviewCollector
 
     if crops_dir is not None:
+        from allmil_cli.outputs import OutputError
+
         try:
             crops_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            _fail(f"--crops-dir {crops_dir}: cannot create it ({exc.strerror or exc}).", EXIT_USAGE)
+            raise OutputError(crops_dir, exc) from exc
     return ReviewCollector(review=html is not None, crops_dir=crops_dir)
 
 
@@ -247,7 +249,7 @@ def _run_pipeline(input_dir, per_image, weights, device, threads, quiet, options
 
 
 def _journal_path(out, json_out, resume: bool) -> Optional[Path]:
-    from allmil_cli.journal import journal_path_for
+    from allmil_cli.journal_lock import journal_path_for
 
     path = journal_path_for(out, json_out)
     if path is None and resume:
@@ -260,6 +262,7 @@ def _run_cohort(input_dir, per_image, weights, quiet, options, cfg, journal_path
     from allmil_cli.cohort import check_engine, run_cohort
     from allmil_cli.engine import EngineError, fingerprint
     from allmil_cli.journal import JournalError
+    from allmil_cli.journal_lock import JournalBusy
     from allmil_cli.pipeline import Pipeline
     from allmil_cli.shard import ShardError, parse_shard, select, sort_key
 
@@ -286,7 +289,7 @@ def _run_cohort(input_dir, per_image, weights, quiet, options, cfg, journal_path
         with _run_guard(where), _progress(len(patients), quiet, "diagnose") as tick:
             run = run_cohort(patients, keys, pipeline, cfg, journal_path=journal_path, resume=resume, fp=fp, meta=meta,
                              on_result=lambda r: (review and review.finish(r), tick(r.patient)), on_resumed=lambda n: [tick("") for _ in range(n)])
-    except JournalError as exc:
+    except (JournalError, JournalBusy) as exc:
         _fail(str(exc), EXIT_USAGE)
     except EngineError as exc:
         _fail(str(exc), EXIT_USAGE)

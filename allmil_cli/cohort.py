@@ -35,7 +35,7 @@ def iter_results(cfg: EngineConfig, pipeline: Pipeline, patients: list[Patient])
     elif cfg.engine == "ray":
         from allmil_cli.engine_ray import run_ray
 
-        yield from run_ray(patients, pipeline.models, pipeline.options, cfg)
+        yield from run_ray(patients, pipeline.models, pipeline.options, cfg, Pipeline.from_weights)
     else:
         raise EngineError(f"--engine {cfg.engine!r}: use one of {', '.join(ENGINES)}.")
 

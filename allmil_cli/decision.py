@@ -39,6 +39,8 @@ from typing import Any
 
 #: The calls a patient with a result can get.
 CALLS = ("ALL", "review", "normal")
+#: Changes whenever :func:`decide` changes meaning: site profiles record it and are refused by another version.
+RULE_VERSION = "blast-percentage/1"
 CONFIDENCE = 0.95
 
 

@@ -1,10 +1,11 @@
 """Engines that run a cohort's patients: their settings, errors, and the fingerprint of a run.
 
-The per-patient work is always :meth:`Pipeline.diagnose_patient`, whichever engine runs it:
+The per-patient work is always :meth:`allmil_cli.pipeline.Pipeline.diagnose_patient`, whichever engine runs it:
 
 - ``local``: this process (``Pipeline.run``: decode look-ahead threads, and whatever parallelism the
   pipeline itself offers);
-- ``ray``: an actor pool on a Ray cluster (:mod:`allmil_cli.engine_ray`), models loaded once per actor.
+- ``ray``: an actor pool on a Ray cluster (:mod:`allmil_cli.engine_ray`), models loaded once per actor, each actor
+  running the per-patient function it is handed (``Pipeline.from_weights``).
 
 :mod:`allmil_cli.cohort` picks the engine and journals the results.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from allmil_cli.models import Models
-from allmil_cli.pipeline import Options
+from allmil_cli.results import Options
 
 ENGINES = ("local", "ray")
 #: Options that only change how fast a run goes. Every other field of ``Options`` may change a call, so it is

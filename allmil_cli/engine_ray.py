@@ -1,6 +1,7 @@
 """The Ray engine: the same per-patient code (:meth:`Pipeline.diagnose_patient`) on a pool of Ray actors.
 
-Each actor loads and verifies the three models once, then analyses patients one by one; the driver keeps
+Each actor builds its :class:`PatientRunner` once with the function it is handed (``Pipeline.from_weights``: it loads
+and verifies the three models), then analyses patients one by one; the driver keeps
 a bounded number of patients in flight per actor and yields results as they finish (the caller journals
 them). A worker process that dies is restarted by Ray and its patient retried (``max_restarts`` /
 ``max_task_retries``); a driver that dies is handled by ``--resume``.
@@ -15,15 +16,15 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from allmil_cli.engine import EngineConfig, EngineError
 from allmil_cli.images import Patient
 from allmil_cli.models import Models
-from allmil_cli.pipeline import Options, PatientResult
+from allmil_cli.results import Options, PatientResult
 
 #: Patients queued per actor: one running, one waiting, so an actor never idles on a driver round trip.
 IN_FLIGHT_PER_ACTOR = 2
@@ -43,15 +44,25 @@ def import_ray() -> Any:
     return ray
 
 
+class PatientRunner(Protocol):
+    """What an actor runs on each patient (a :class:`allmil_cli.pipeline.Pipeline`)."""
+
+    models: Models
+
+    def diagnose_patient(self, patient: Patient) -> PatientResult: ...
+
+
+#: Builds an actor's :class:`PatientRunner` from (weights folder, device, onnxruntime threads, the run's options);
+#: importable by name on every node (e.g. ``Pipeline.from_weights``).
+RunnerFactory = Callable[[Path, str, "int | None", Options], PatientRunner]
+
+
 class PatientWorker:
-    """A Ray actor: one Pipeline (models loaded once), reused for every patient sent to it."""
+    """A Ray actor: one :class:`PatientRunner` (models loaded once), reused for every patient sent to it."""
 
-    def __init__(self, weights_dir: str, device: str, threads: int | None, options: Options) -> None:
-        from allmil_cli.models import load_models
-        from allmil_cli.pipeline import Pipeline
-
-        self.pipeline = Pipeline(load_models(Path(weights_dir), device=device, threads=threads, precision=options.precision),
-                                 options)
+    def __init__(self, open_runner: RunnerFactory, weights_dir: str, device: str, threads: int | None,
+                 options: Options) -> None:
+        self.runner = open_runner(Path(weights_dir), device, threads, options)
 
     def identity(self) -> dict[str, Any]:
         """What the driver checks before sending patients: allmil version, model sha256s, provider, host."""
@@ -59,12 +70,12 @@ class PatientWorker:
 
         from allmil_cli import __version__
 
-        models = self.pipeline.models
+        models = self.runner.models
         return {"version": __version__, "models_sha256": dict(models.sha256), "provider": models.provider,
                 "host": socket.gethostname(), "pid": os.getpid()}
 
     def diagnose(self, patient: Patient) -> PatientResult:
-        return self.pipeline.diagnose_patient(patient)
+        return self.runner.diagnose_patient(patient)
 
 
 def _connect(ray: Any, cfg: EngineConfig) -> bool:
@@ -97,8 +108,10 @@ def _n_workers(ray: Any, cfg: EngineConfig) -> int:
     return max(1, int(res.get("CPU", 1)))
 
 
-def start_actors(ray: Any, models: Models, options: Options, cfg: EngineConfig, n: int) -> list[Any]:
-    """Start ``n`` actors and check each one runs the driver's allmil version and models."""
+def start_actors(ray: Any, models: Models, options: Options, cfg: EngineConfig, n: int,
+                 open_runner: RunnerFactory) -> list[Any]:
+    """Start ``n`` actors, each running what ``open_runner`` builds, and check each one runs the driver's allmil
+    version and models."""
     from allmil_cli import __version__
 
     gpus = float(cfg.gpus_per_worker or 0.0)
@@ -110,7 +123,7 @@ def start_actors(ray: Any, models: Models, options: Options, cfg: EngineConfig, 
         options = replace(options, workers=1)  # an actor is one worker: no worker processes of its own
     remote = ray.remote(PatientWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                                                max_task_retries=MAX_RESTARTS)
-    actors = [remote.remote(str(models.weights_dir), device, threads, options) for _ in range(n)]
+    actors = [remote.remote(open_runner, str(models.weights_dir), device, threads, options) for _ in range(n)]
     try:
         identities = ray.get([a.identity.remote() for a in actors])
     except Exception as exc:  # noqa: BLE001 - an actor that cannot load its models
@@ -129,15 +142,17 @@ def start_actors(ray: Any, models: Models, options: Options, cfg: EngineConfig, 
     return actors
 
 
-def run_ray(patients: list[Patient], models: Models, options: Options, cfg: EngineConfig) -> Iterator[PatientResult]:
-    """Diagnose ``patients`` on a Ray actor pool, yielding each result as soon as it is back (any order)."""
+def run_ray(patients: list[Patient], models: Models, options: Options, cfg: EngineConfig,
+            open_runner: RunnerFactory) -> Iterator[PatientResult]:
+    """Diagnose ``patients`` on a Ray actor pool, each actor running what ``open_runner`` builds (one per actor), yielding
+    each result as soon as it is back (any order)."""
     ray = import_ray()
     if not patients:
         return
     connected = _connect(ray, cfg)
     actors: list[Any] = []
     try:
-        actors = start_actors(ray, models, options, cfg, min(_n_workers(ray, cfg), len(patients)))
+        actors = start_actors(ray, models, options, cfg, min(_n_workers(ray, cfg), len(patients)), open_runner)
         queue: deque[Patient] = deque(patients)
         pending: dict[Any, tuple[int, Patient]] = {}
 

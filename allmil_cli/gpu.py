@@ -9,8 +9,9 @@ those tensors in place through onnxruntime IOBinding: no host round trip. On the
 measures on the thumbnail (scipy; 0.6 MB copied back), the heatmap peaks, and the white-cell boxes (stain extent,
 from one host copy of the field, which also serves ``Pipeline.on_field``).
 
-Non-JPEG files, and anything nvJPEG or this code refuses, take the CPU path (:meth:`Pipeline.analyse_file`), so a
-bad image is reported word for word as there. Resampling here is torch's antialiased bilinear, not Pillow's, and
+An executor (:class:`allmil_cli.execution.FileExecutor` picks it per file). Non-JPEG files, and anything nvJPEG or this
+code refuses, take the CPU path (:meth:`allmil_cli.analysis.FieldAnalyser.analyse_file`), so a bad image is reported
+word for word as there. Resampling here is torch's antialiased bilinear, not Pillow's, and
 nvJPEG's IDCT is not libjpeg's: rulers, cells and p_all are close to the CPU path's, not bit-identical
 (``tests/test_gpu_fallback.py`` runs this very code on CPU tensors and bounds the difference).
 """
@@ -28,10 +29,12 @@ from PIL import Image
 
 from allmil_cli.crops import CROP_SIZE
 from allmil_cli.detect import cell_box, heatmap_detections, model_meta
+from allmil_cli.embed import Embedder
 from allmil_cli.images import Field
+from allmil_cli.models import Models, decode_status  # noqa: F401 - decode_status: where it was before (tests import it)
 from allmil_cli.normalize import stain_map
-from allmil_cli.parallel import FieldOutcome, FileOutcome, ThreadLookahead
-from allmil_cli.pipeline import Cell, ImageResult
+from allmil_cli.parallel import ThreadLookahead
+from allmil_cli.results import Cell, FieldOutcome, FileOutcome, ImageResult, Options, StageTimer
 from allmil_cli.scale import _THUMB_SIDE, CROP_RBC_RATIO, measure_thumbnail
 
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
@@ -39,23 +42,10 @@ JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 GPU_EMBED_BATCH = 256
 
 
-def decode_status() -> tuple[bool, str | None]:
-    """Whether JPEGs can be decoded on the GPU here (torch + torchvision + a CUDA device), and a one-line notice if not."""
-    try:
-        import torch
-        import torchvision  # noqa: F401
-    except ImportError:
-        return False, ("torch/torchvision are not installed, so JPEGs are decoded on the CPU "
-                       "(pip install torch torchvision to decode them on the GPU with nvJPEG).")
-    if not torch.cuda.is_available():
-        return False, "torch sees no CUDA device, so JPEGs are decoded on the CPU."
-    return True, None
-
-
 class GpuFront:
     """Decode and prepare JPEG fields with torch on ``device`` ("cuda"; "cpu" runs the same code on CPU tensors)."""
 
-    def __init__(self, models: Any, options: Any, embedder: Any, timer: Any, device: str = "cuda") -> None:
+    def __init__(self, models: Models, options: Options, embedder: Embedder, timer: StageTimer, device: str = "cuda") -> None:
         import torch
         import torch.nn.functional as F
 

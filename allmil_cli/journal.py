@@ -6,13 +6,17 @@ File layout (UTF-8, one JSON object per line):
 - line 1, the header: ``{"allmil_journal": 1, "fingerprint": {...}, "meta": {...}}``. The fingerprint holds
   everything that changes a call (allmil version, model sha256s, thresholds, cell size, min cells, seed,
   per-image, shard...); a resume whose fingerprint differs is refused. ``meta`` is the JSON report's header.
-- ``{"plan": {"n_patients": N, "started": ISO}}``: written by each run (fresh or resumed) before its patients:
-  how many patients that run was to cover (``allmil merge`` checks a shard journal is complete against it).
+- ``{"plan": {"n_patients": N, "started": ISO, "pid": P, "host": H}}``: written by each run (fresh or resumed) before
+  its patients: how many patients that run was to cover (``allmil merge`` checks a shard journal is complete against
+  it), and which process ran it (named when a second run finds the journal locked).
 - ``{"patient": {...}, "key": "..."}``: one finished patient, serialised in full (per-image and per-cell data):
   the reports are rebuilt from these lines alone. ``key`` orders patients as discovery does.
 
-Every patient line is flushed and fsynced before the next patient starts. A line cut short by a kill
-(no trailing newline, or not valid JSON) is dropped on resume and that patient is analysed again.
+Every patient line is written and fsynced before the next patient starts. A line cut short by a kill
+(no trailing newline, or not valid JSON) is dropped on resume and that patient is analysed again. A write that fails
+(disk full, quota) is cut back off the file, so the journal ends with the last patient that was written in full, and
+raises :class:`~allmil_cli.outputs.OutputError`. One run at a time: the journal is ``flock``-ed by the run writing it
+(:mod:`allmil_cli.journal_lock`; each ``plan`` line records that run's pid and host).
 Floats are written with Python's shortest round-trip repr (NaN as ``NaN``), so a report rebuilt from the journal is
 byte-identical to one built from the live results.
 """
@@ -22,14 +26,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import types
 import typing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
+from allmil_cli import journal_lock
+from allmil_cli.journal_lock import journal_path_for  # noqa: F401  (re-exported: where it used to live)
+from allmil_cli.outputs import OutputError, write_all
 from allmil_cli.pipeline import PatientResult
 
 FORMAT = 1
@@ -107,15 +115,6 @@ def result_from_dict(d: dict[str, Any]) -> PatientResult:
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
-def journal_path_for(out: str | Path | None, json_out: str | Path | None) -> Path | None:
-    """The default journal beside the report: ``report.csv`` -> ``report.journal.jsonl`` (None: both on stdout)."""
-    for p in (out, json_out):
-        if p is not None and str(p) != "-":
-            p = Path(p)
-            return p.with_name(f"{p.stem}.journal.jsonl")
-    return None
-
-
 def is_journal(path: Path) -> bool:
     """True when ``path`` starts with a journal header line."""
     try:
@@ -206,60 +205,139 @@ def _short(v: Any) -> str:
 
 # ---- writing ---------------------------------------------------------------------------------------------
 class Journal:
-    """An open journal; :meth:`append` makes one patient durable (write, flush, fsync)."""
+    """An open journal, locked against a second run; :meth:`append` makes one patient durable (write, fsync)."""
 
-    def __init__(self, path: Path, f: TextIO) -> None:
+    def __init__(self, path: Path, fd: int, owns: bool = True) -> None:
         self.path = path
-        self._f = f
+        self._fd: int | None = fd
+        self._owns = owns  # False: a journal_lock.hold() keeps the file open (and locked) after this journal closes
 
     @classmethod
     def create(cls, path: Path, fingerprint: dict[str, Any], meta: dict[str, Any], n_planned: int) -> Journal:
-        """Start a new journal (an existing file at ``path`` is replaced)."""
+        """Start a new journal (an existing file at ``path`` is emptied and rewritten in place, keeping its lock).
+
+        Raises :class:`~allmil_cli.journal_lock.JournalBusy` when another run holds it, OutputError when it cannot
+        be written (then no empty journal is left behind)."""
+        fd, owns = journal_lock.take(path, create=True)
+        assert fd is not None
+        j = cls(path, fd, owns)
         head = {"allmil_journal": FORMAT, "fingerprint": fingerprint, "meta": meta}
-        text = _line(head) + _line(_plan(n_planned))
-        tmp = path.with_name(f".{path.name}.new")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return cls(path, open(path, "a", encoding="utf-8"))
+        try:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError as exc:
+                raise OutputError(path, exc) from exc
+            j._write(_line(head) + _line(_plan(n_planned)))
+        except BaseException:
+            j._remove_if_empty()
+            j.close()
+            raise
+        return j
 
     @classmethod
     def resume(cls, path: Path, fingerprint: dict[str, Any], n_planned: int) -> tuple[Journal, Contents]:
-        """Reopen ``path`` for appending after checking it was written with the same fingerprint.
+        """Reopen ``path`` (locked) for appending after checking it was written with the same fingerprint.
 
-        Lines cut short by a kill are dropped (the file is rewritten without them, atomically).
+        Lines cut short by a kill are dropped (cut off the end, or the file is rewritten without them, atomically).
+        Raises JournalBusy while another run holds it.
         """
-        contents = read_journal(path)
-        diff = fingerprint_diff(contents.header.get("fingerprint", {}), fingerprint)
-        if diff:
-            raise JournalError(
-                f"{path}: cannot resume: this journal was written with other weights or options ("
-                + "; ".join(diff) + "). Rerun with the journal's weights and options, or start afresh without "
-                "--resume (the journal is replaced) or with another --out."
-            )
-        if contents.dropped:
-            tmp = path.with_name(f".{path.name}.new")
-            with open(path, "rb") as src, open(tmp, "wb") as f:
-                f.writelines(line for i, line in enumerate(src) if i not in contents.bad_lines)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        j = cls(path, open(path, "a", encoding="utf-8"))
-        j._write(_line(_plan(n_planned)))
+        fd, owns = journal_lock.take(path, create=False)
+        if fd is None:
+            raise JournalError(f"{path}: the journal was removed while this run started; rerun.")
+        j = cls(path, fd, owns)
+        try:
+            contents = read_journal(path)
+            diff = fingerprint_diff(contents.header.get("fingerprint", {}), fingerprint)
+            if diff:
+                raise JournalError(
+                    f"{path}: cannot resume: this journal was written with other weights or options ("
+                    + "; ".join(diff) + "). Rerun with the journal's weights and options, or start afresh without "
+                    "--resume (the journal is replaced) or with another --out."
+                )
+            if contents.dropped:
+                j._drop(contents.bad_lines)
+            j._write(_line(_plan(n_planned)))
+        except BaseException:
+            j.close()
+            raise
         return j, contents
 
     def append(self, result: PatientResult, key: str) -> None:
         self._write(_line({"patient": result_to_dict(result), "key": key}))
 
     def _write(self, text: str) -> None:
-        self._f.write(text)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        """Append ``text`` and fsync it. A write that fails is cut back off (no torn line is left) and raised as
+        :class:`OutputError`; the journal then ends with the last line written in full."""
+        fd = self._open_fd()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            write_all(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass  # the part left has no newline: read_journal drops it
+            raise OutputError(self.path, exc) from exc
+
+    def _drop(self, bad: set[int]) -> None:
+        """Remove the lines cut short or unreadable: cut them off when they all end the file (a kill cuts the last
+        line), else write the good lines to a new file, lock it and rename it over this one."""
+        fd, first = self._open_fd(), min(bad)
+        cut, n_lines = 0, 0  # the bytes before the first bad line, and how many lines there are
+        with open(self.path, "rb") as src:
+            for i, line in enumerate(src):
+                n_lines = i + 1
+                if i < first:
+                    cut += len(line)
+        try:
+            if set(range(first, n_lines)) <= bad:
+                os.ftruncate(fd, cut)
+                os.fsync(fd)
+                return
+            new, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as exc:
+            raise OutputError(self.path, exc) from exc
+        try:
+            journal_lock.lock_new(new)
+            with open(self.path, "rb") as src:
+                for i, line in enumerate(src):
+                    if i not in bad:
+                        write_all(new, line)
+            os.fsync(new)
+            os.fchmod(new, os.fstat(fd).st_mode & 0o7777)
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            os.close(new)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+                raise OutputError(self.path, exc) from exc
+            raise
+        self._fd = new
+        if self._owns:
+            os.close(fd)
+        else:
+            journal_lock.switch(self.path, fd, new)
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the journal is closed")
+        return self._fd
+
+    def _remove_if_empty(self) -> None:
+        try:
+            if self._fd is not None and os.fstat(self._fd).st_size == 0 and journal_lock.same_file(self._fd, self.path):
+                os.unlink(self.path)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd is not None and self._owns:
+            os.close(self._fd)
+        self._fd = None
 
     def __enter__(self) -> Journal:
         return self
@@ -269,7 +347,8 @@ class Journal:
 
 
 def _plan(n: int) -> dict[str, Any]:
-    return {"plan": {"n_patients": n, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {"plan": {"n_patients": n, "started": started, **journal_lock.run_record()}}
 
 
 def _line(obj: dict[str, Any]) -> str:

@@ -15,14 +15,17 @@ class LabelsError(Exception):
     """The labels file cannot be used; the message names the file and line."""
 
 
-def read_labels(path: Path) -> dict[str, int]:
-    """Map patient name -> 1 (ALL) / 0 (normal). A header row ``patient,label`` is optional."""
+def read_labels(path: Path, strict: bool = False) -> dict[str, int]:
+    """Map patient name -> 1 (ALL) / 0 (normal). A header row ``patient,label`` is optional.
+
+    ``strict`` (``allmil calibrate``): a patient listed twice is an error instead of the last line winning."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise LabelsError(f"{path}: cannot read the labels file ({exc.strerror or exc}).") from exc
     labels: dict[str, int] = {}
+    first_line: dict[str, int] = {}
     for lineno, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
@@ -31,6 +34,10 @@ def read_labels(path: Path) -> dict[str, int]:
         name, value = row[0].strip(), row[1].strip().lower()
         if lineno == 1 and name.lower() == "patient":
             continue
+        if strict and name in first_line:
+            raise LabelsError(f"{path}, line {lineno}: {name!r} is listed twice (first on line {first_line[name]}); "
+                              "keep one line per patient.")
+        first_line.setdefault(name, lineno)
         if value in _POSITIVE:
             labels[name] = 1
         elif value in _NEGATIVE:

@@ -97,6 +97,19 @@ class Models:
         return dict(getattr(self, which).get_modelmeta().custom_metadata_map)
 
 
+def decode_status() -> tuple[bool, str | None]:
+    """Whether JPEGs can be decoded on the GPU here (torch + torchvision + a CUDA device), and a one-line notice if not."""
+    try:
+        import torch
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False, ("torch/torchvision are not installed, so JPEGs are decoded on the CPU "
+                       "(pip install torch torchvision to decode them on the GPU with nvJPEG).")
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device, so JPEGs are decoded on the CPU."
+    return True, None
+
+
 def _session(path: Path, providers: list[str], threads: int | None):
     import onnxruntime as ort
 
@@ -175,8 +188,6 @@ def load_models(
         notice = "no usable GPU found by onnxruntime-gpu; running on the CPU."
     gpu_decode = False
     if used == "CUDAExecutionProvider":  # the networks run on the GPU: decode and crop there too when torch can
-        from allmil_cli.gpu import decode_status
-
         gpu_decode, why = decode_status()
         notice = " ".join(x for x in (notice, why) if x) or None
     return Models(weights_dir=weights_dir, sha256=digests, provider=used, notice=notice, gpu_decode=gpu_decode,

@@ -1,7 +1,7 @@
-"""Execution machinery of the pipeline: what a file's analysis hands back, stage timing, and the decode look-ahead.
+"""The look-ahead every executor shares: work scheduled in order, fetched in order, a bounded number in flight.
 
 Two feeders (:class:`ThreadLookahead` here; worker processes in :mod:`allmil_cli.workers`), one contract: files
-are *scheduled* in the order the pipeline will ask for them, and *fetched* in that order (a file fetched out of order drops the ones scheduled before it; a file never scheduled is
+are *scheduled* in the order the run will ask for them, and *fetched* in that order (a file fetched out of order drops the ones scheduled before it; a file never scheduled is
 analysed by the caller). At most ``LOOKAHEAD_PER_WORKER`` files per worker are in flight, so memory stays
 bounded however long the run.
 
@@ -9,71 +9,20 @@ bounded however long the run.
   thread runs the networks (Pillow and numpy release the GIL).
 - :class:`allmil_cli.workers.ProcessPool` (``--workers N``, N > 1): worker processes analysing whole files.
 
-Nothing here imports :mod:`allmil_cli.pipeline` at module level (the pipeline imports this module).
+Standard library only: the worker processes' forkserver is started through :mod:`allmil_cli.workers`, which imports
+this module, before the main process's own heavy imports.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-
-if TYPE_CHECKING:
-    from allmil_cli.images import Field
-    from allmil_cli.pipeline import Cell, ImageResult
+from typing import Any
 
 #: Files in flight per worker (one being analysed, one waiting): bounds memory and keeps workers busy.
 LOOKAHEAD_PER_WORKER = 2
-@dataclass
-class FieldOutcome:
-    """One field as a worker hands it back (picklable). ``info.status`` failed: the rest is empty."""
-
-    info: ImageResult
-    cells: list[Cell] = field(default_factory=list)
-    features: np.ndarray | None = None  # (n, 256), once embedded
-    crops: np.ndarray | None = None  # uint8 (n, 224, 224, 3): stain-mapped, awaiting the embedder ("crops"), or raw ("detect+crops")
-    decoded: Field | None = None  # the decoded field, only when asked for (``Pipeline.on_field``)
-
-
-@dataclass
-class FileOutcome:
-    """One file: its fields in page order, notes on skipped pages, or ``error`` (ImageError text) when unusable."""
-
-    path: Path
-    fields: list[FieldOutcome] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    error: str | None = None
-
-
-class StageTimer:
-    """Wall-clock seconds spent per pipeline stage, summed over a run (for the benchmark).
-
-    ``decode`` is the time the analysis waited for a decoded file; ``scale`` (the red-cell ruler) runs in
-    the look-ahead threads, overlapping the networks. With worker processes, their stage seconds are added
-    (summed over the workers, so they exceed the wall clock) and ``wait`` is the time this process waited.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._lock = threading.Lock()  # the look-ahead threads time the ruler too
-
-    def add(self, stage: str, start: float) -> float:
-        now = time.perf_counter()
-        with self._lock:
-            self.seconds[stage] += now - start
-        return now
-
-    def add_seconds(self, stage: str, seconds: float) -> None:
-        """Add seconds measured elsewhere (a worker process: there, stages are summed over the workers)."""
-        with self._lock:
-            self.seconds[stage] += seconds
 
 
 class _Ordered:

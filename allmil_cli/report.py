@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from allmil_cli.metrics import binary_metrics
+from allmil_cli.outputs import OutputError
 from allmil_cli.pipeline import PatientResult
 
 CSV_COLUMNS = ["patient", "status", "call", "p_all", "n_images", "n_cells", "n_blast_like", "blast_fraction", "blast_pct",
@@ -41,20 +42,28 @@ def current_umask() -> int:
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename in the same folder, with the umask's mode."""
+    """Write ``data`` to ``path`` via a temp file + rename in the same folder, with the umask's mode.
+
+    Any ``OSError`` (read-only, permission, disk full, quota...) is raised as :class:`OutputError` naming ``path``;
+    the temp file is removed first, whatever the error (Ctrl-C included)."""
     path = Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
     try:
         with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:
             f.write(data)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise OutputError(path, exc) from exc
         raise
 
 

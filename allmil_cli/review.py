@@ -1,75 +1,94 @@
 """The review page (``--html``): one self-contained, offline HTML file a haematologist can open or e-mail.
 
-It holds the run (versions, sha256, date, options, execution provider), a sortable table of patients,
-per patient the most and least blast-like cells and the fields with the detected cells boxed, and,
-when there are labels, the metrics, confusion matrix and ROC curve; for ``stress-test`` the recall per
-condition (the paper's Fig. 5). Images are inline JPEG data URIs, plots inline SVG (matplotlib,
-optional), the table sort a few lines of inline JavaScript. A Content-Security-Policy forbids any
-network access and any script but that one (by hash), and every user string (patient, folder and file
-names, reasons) is escaped.
+It holds the run (versions, sha256, date, options, execution provider, the site profile when one is used), a
+sortable table of patients (call, blast-like percentage with its 95 % interval, p_all, ...), per patient the
+reasoning behind the call (the rule's numbers), the most and least blast-like cells and the fields with the
+detected cells boxed, and, when there are labels, the metrics, confusion matrix and ROC curve; for
+``stress-test`` the recall per condition (the paper's Fig. 5).
+
+The page is the Jinja2 template ``templates/review.html.j2`` (HTML, editable without reading this module), rendered
+with autoescape on: every value is escaped unless :func:`trusted` marked it, and only allmil's own markup is (the
+matplotlib SVG plots, the thumbnails' data URIs, the sort script). Images are inline JPEG data URIs, plots inline
+SVG (matplotlib, optional), the table sort a few lines of inline JavaScript (``templates/sort.js``). A
+Content-Security-Policy forbids any network access and any script but that one (by hash).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import html
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 
 from allmil_cli import review_plots
 from allmil_cli.pipeline import PatientResult
 from allmil_cli.report import write_report
 from allmil_cli.review_capture import CellThumb, FieldThumb, Gallery
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1180px;padding:16px;color:#1d1d1f;background:#fff}
-h1{font-size:22px;margin:4px 0}h2{font-size:18px;margin:28px 0 6px;border-top:1px solid #ddd;padding-top:14px}h3{font-size:14px;margin:12px 0 4px;color:#444}
-.warn{background:#fff4e5;border:1px solid #f0b429;padding:6px 10px;border-radius:4px}
-table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#f3f3f5}table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" \\2195";color:#aaa}
-th[aria-sort=ascending]:after{content:" \\2191";color:#333}th[aria-sort=descending]:after{content:" \\2193";color:#333}
-td.num{text-align:right;font-variant-numeric:tabular-nums}td.reason{max-width:420px;font-size:12px;color:#555}
-.call{font-weight:600;padding:1px 6px;border-radius:3px}.call-ALL{background:#fde0dd;color:#a50f15}.call-normal{background:#e5f5e0;color:#006d2c}
-.call-indeterminate,.call-insufficient,.call-failed{background:#fff7bc;color:#8c6d00}
-.gallery,.fields{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;font-size:11px;color:#444}
-.cell img{width:96px;height:96px;display:block;border:3px solid #bbb;border-radius:3px}.cell.blast img{border-color:#d7301f}
-.fields svg{width:320px;height:auto;display:block;border:1px solid #ccc}
-rect.c{fill:none;stroke:#1a9850;stroke-width:2}rect.b{fill:none;stroke:#d7301f;stroke-width:3}
-.kv td:first-child{color:#555;white-space:nowrap}code{font-size:12px;word-break:break-all}
-.plots{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.plots svg{width:380px;height:auto}
-.qc{color:#8c2d04}.small{font-size:12px;color:#666}
-"""
-
-SORT_JS = """(function(){
-function key(td){var v=td.getAttribute('data-v');return v===null?td.textContent.trim():v;}
-function sortBy(th,desc){var t=th.closest('table'),b=t.tBodies[0],i=Array.prototype.indexOf.call(th.parentNode.children,th);
-var rows=Array.prototype.slice.call(b.rows);rows.sort(function(r,s){var x=key(r.cells[i]),y=key(s.cells[i]),nx=parseFloat(x),ny=parseFloat(y);
-var c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:(isNaN(nx)!==isNaN(ny)?(isNaN(nx)?1:-1):x.localeCompare(y));return desc?-c:c;});
-rows.forEach(function(r){b.appendChild(r);});t.querySelectorAll('th').forEach(function(h){h.removeAttribute('aria-sort');});
-th.setAttribute('aria-sort',desc?'descending':'ascending');}
-document.querySelectorAll('table.sortable th').forEach(function(th){th.addEventListener('click',function(){
-sortBy(th,th.getAttribute('aria-sort')==='ascending');});});
-var m=/^#sort=([a-z_]+)(-desc)?$/.exec(location.hash);if(m){var th=document.querySelector('table.sortable th[data-key="'+m[1]+'"]');if(th)sortBy(th,!!m[2]);}
-})();"""
+TEMPLATE = "review.html.j2"
+SCRIPT = "sort.js"  # inlined as is; the CSP allows it by its sha256
+PATIENT_COLUMNS = [("patient", "patient"), ("status", "status"), ("call", "call"), ("p_all", "p_all"),
+                   ("images", "images"), ("cells", "cells"), ("blast_like", "blast-like"),
+                   ("blast_pct", "blast % (95 % CI)"), ("qc", "QC flags"), ("skipped", "skipped files")]
+METRIC_NAMES = ("accuracy", "f1", "sensitivity", "specificity", "precision", "roc_auc")
 
 
-def e(x: Any) -> str:
-    """Escape user text for HTML content and attributes."""
-    return html.escape(str(x), quote=True)
+@functools.lru_cache(maxsize=1)
+def _env() -> Environment:
+    """The templates ship as package data (``allmil_cli/templates``); autoescape is on for every template."""
+    return Environment(loader=PackageLoader("allmil_cli", "templates"), autoescape=True, undefined=StrictUndefined,
+                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+
+
+def trusted(markup: str | None) -> Markup | None:
+    """The one place the page takes text as markup, unescaped: only what allmil itself generated (matplotlib's SVG,
+    base64 data URIs, the sort script). Never pass user text (patient, folder or file names, reasons, profiles)."""
+    return None if markup is None else Markup(markup)
+
+
+def _script() -> str:
+    return _env().loader.get_source(_env(), SCRIPT)[0]
+
+
+def _data_uri(jpeg: bytes) -> Markup:
+    return trusted("data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"))
+
+
+def _nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
 
 
 def _num(x: float | None, digits: int = 3) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    return "" if _nan(x) else f"{x:.{digits}f}"
 
 
-def _data_uri(jpeg: bytes) -> str:
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+def _pct(x: float | None) -> str:
+    """A percentage as the reasons write it: whole percent from 10 % on, one decimal below."""
+    return "" if _nan(x) else (f"{x:.0f}" if x >= 10 or x == 0 else f"{x:.1f}")
+
+
+def _pvalue(p: float | None) -> str:
+    return "" if _nan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def _text(v: Any) -> str:
+    """A site-profile value as one line (numbers compact, nested values as JSON); the template escapes it."""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, sort_keys=True, default=str, ensure_ascii=False)
+    return str(v)
 
 
 def _label(r: PatientResult) -> str:
+    """The call when the patient was analysed, else why not (insufficient / failed)."""
     return r.call if r.ok else r.status
 
 
@@ -88,145 +107,98 @@ def run_versions(models: Any) -> dict[str, Any]:
     return {"models_version": versions, "runtime": f"onnxruntime {onnxruntime.__version__}"}
 
 
-def _run_info(meta: dict[str, Any]) -> str:
+def _run_view(meta: dict[str, Any]) -> dict[str, Any]:
+    opts = meta.get("options") or {}
     rows = [("tool", meta.get("tool", "")), ("command", meta.get("command", "")), ("date (UTC)", meta.get("created", "")),
             ("execution provider", meta.get("execution_provider", "")), ("runtime", meta.get("runtime", "")),
-            ("detector / embedder", (meta.get("options") or {}).get("precision", "")),
-            ("input", meta.get("input", "")),
+            ("detector / embedder", opts.get("precision", "")), ("input", meta.get("input", "")),
             ("weights", meta.get("weights_dir", ""))]
-    out = ["<table class='kv'>"]
-    out += [f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows if v not in ("", None)]
     versions = meta.get("models_version") or {}
-    for name, digest in sorted((meta.get("models_sha256") or {}).items()):
-        v = f" (version {versions[name]})" if name in versions else ""
-        out.append(f"<tr><td>{e(name)}{e(v)}</td><td>sha256 <code>{e(digest)}</code></td></tr>")
-    opts = meta.get("options") or {}
-    shown = ", ".join(f"{k}={v}" for k, v in opts.items() if v is not None)
-    out.append(f"<tr><td>options</td><td><code>{e(shown)}</code></td></tr></table>")
-    return "\n".join(out)
+    profile = meta.get("site_profile")
+    if profile is not None and not isinstance(profile, dict):
+        profile = {"profile": profile}
+    return {
+        "run_rows": [(k, v) for k, v in rows if v not in ("", None)],
+        "models": [{"file": name, "sha256": digest, "version": versions.get(name)}
+                   for name, digest in sorted((meta.get("models_sha256") or {}).items())],
+        "options": ", ".join(f"{k}={v}" for k, v in opts.items() if v is not None),
+        "site_profile": [(str(k), _text(v)) for k, v in (profile or {}).items()],
+    }
 
 
-def _patient_table(results: Sequence[PatientResult], extra: dict[str, dict[str, str]] | None) -> str:
-    cond_cols = list(next(iter(extra.values())).keys()) if extra else []
-    head = [("patient", "patient"), ("status", "status"), ("call", "call"), ("p_all", "p_all"), ("images", "images"),
-            ("cells", "cells"), ("blast_like", "blast-like"), ("blast_fraction", "blast fraction"), ("qc", "QC flags"),
-            ("skipped", "skipped files")] + [(f"cond_{c}", f"call, {c} removed") for c in cond_cols] + [("reason", "reason")]
-    out = ["<table class='sortable' id='patients'><thead><tr>"]
-    out += [f"<th data-key='{k}'>{e(t)}</th>" for k, t in head]
-    out.append("</tr></thead><tbody>")
-    for i, r in enumerate(results):
-        qc = list(getattr(r, "qc", None) or [])
-        skipped = getattr(r, "skipped", None) or []
-        p = _num(r.p_all, 4)
-        cells = [
-            f"<td data-v='{e(r.patient)}'><a href='#p-{i}'>{e(r.patient)}</a></td>",
-            f"<td>{e(r.status)}</td>",
-            f"<td><span class='call call-{e(_label(r))}'>{e(_label(r))}</span></td>",
-            f"<td class='num' data-v='{p or -1}'>{p}</td>",
-            f"<td class='num'>{r.n_images}</td>", f"<td class='num'>{r.n_cells}</td>", f"<td class='num'>{r.n_blast_like}</td>",
-            f"<td class='num' data-v='{_num(r.blast_fraction) or -1}'>{_num(r.blast_fraction)}</td>",
-            f"<td class='qc' data-v='{len(qc)}'>{e(', '.join(qc))}</td>",
-            f"<td class='num'>{len(skipped)}</td>",
-        ]
-        cells += [f"<td>{e(v)}</td>" for v in (extra or {}).get(r.patient, {c: "" for c in cond_cols}).values()]
-        cells.append(f"<td class='reason'>{e(r.reason)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
-    return "\n".join(out)
+def _cells(thumbs: Sequence[CellThumb]) -> list[dict[str, Any]]:
+    return [{"uri": _data_uri(c.jpeg), "score": _num(c.score), "blast_like": c.blast_like, "image": c.image,
+             "title": f"{c.image} at ({c.x:.0f}, {c.y:.0f}), blast score {c.score:.3f}"} for c in thumbs]
 
 
-def _cell_figures(thumbs: Sequence[CellThumb]) -> str:
-    figs = []
-    for c in thumbs:
-        cls = "cell blast" if c.blast_like else "cell"
-        title = f"{c.image} at ({c.x:.0f}, {c.y:.0f}), blast score {c.score:.3f}"
-        figs.append(f"<figure class='{cls}' title='{e(title)}'><img src='{_data_uri(c.jpeg)}' alt='{e(title)}'>"
-                    f"<figcaption>{_num(c.score)}{' blast-like' if c.blast_like else ''}<br>{e(c.image)}</figcaption></figure>")
-    return "<div class='gallery'>" + "".join(figs) + "</div>"
+def _fields(fields: Sequence[FieldThumb]) -> list[dict[str, Any]]:
+    return [{"image": f.image, "width": f.width, "height": f.height, "uri": _data_uri(f.jpeg),
+             "n_blast": sum(1 for c in f.cells if c[2]),
+             "boxes": [{"cls": "b" if bl else "c", "x": f"{x0:.0f}", "y": f"{y0:.0f}", "w": f"{x1 - x0:.0f}",
+                        "h": f"{y1 - y0:.0f}", "score": _num(s)} for (x0, y0, x1, y1), s, bl in f.cells]}
+            for f in fields]
 
 
-def _field_figures(fields: Sequence[FieldThumb]) -> str:
-    figs = []
-    for f in fields:
-        rects = "".join(
-            f"<rect class='{'b' if bl else 'c'}' x='{x0:.0f}' y='{y0:.0f}' width='{x1 - x0:.0f}' height='{y1 - y0:.0f}' "
-            f"vector-effect='non-scaling-stroke'><title>blast score {_num(s)}</title></rect>"
-            for (x0, y0, x1, y1), s, bl in f.cells
-        )
-        figs.append(f"<figure><svg viewBox='0 0 {f.width} {f.height}' role='img' aria-label='{e(f.image)}'>"
-                    f"<image href='{_data_uri(f.jpeg)}' width='{f.width}' height='{f.height}'/>{rects}</svg>"
-                    f"<figcaption>{e(f.image)}: {len(f.cells)} cell(s), {sum(1 for c in f.cells if c[2])} blast-like</figcaption></figure>")
-    return "<div class='fields'>" + "".join(figs) + "</div>"
+def _gallery(g: Gallery | None) -> dict[str, Any] | None:
+    if g is None:
+        return None
+    return {"note": g.note, "top": _cells(g.top), "low": _cells(g.low), "fields": _fields(g.fields),
+            "more_fields": g.n_fields - len(g.fields), "crops_saved": g.crops_saved,
+            "crops_folder": "" if g.crops_folder is None else str(g.crops_folder)}
 
 
-def _patient_section(i: int, r: PatientResult, g: Gallery | None) -> str:
-    thr = f" (cell threshold {r.cell_threshold:.2f})" if r.cell_threshold is not None else ""
-    out = [f"<section id='p-{i}'><h2>{e(r.patient)} <span class='call call-{e(_label(r))}'>{e(_label(r))}</span></h2>",
-           f"<p>p_all {_num(r.p_all, 4) or 'n/a'} &middot; {r.n_cells} cell(s) in {r.n_images} usable image(s) &middot; "
-           f"{r.n_blast_like} blast-like{e(thr)}</p>"]
-    if r.reason:
-        out.append(f"<p class='warn'>{e(r.reason)}</p>")
-    qc = list(getattr(r, "qc", None) or [])
-    if qc:
-        out.append(f"<p class='qc'>QC: {e(', '.join(qc))}</p>")
-    failed = [im for im in r.images if im.status != "ok"]
-    skipped = getattr(r, "skipped", None) or []
-    if failed or skipped or r.notes:
-        items = [f"<li>{e(im.reason)}</li>" for im in failed] + [f"<li>{e(s['file'])}: {e(s['reason'])}</li>" for s in skipped]
-        items += [f"<li>{e(n)}</li>" for n in r.notes]
-        out.append(f"<details><summary>{len(failed)} unusable image(s), {len(skipped)} skipped file(s), {len(r.notes)} note(s)"
-                   f"</summary><ul>{''.join(items)}</ul></details>")
-    if g is not None:
-        if g.note:
-            out.append(f"<p class='small'>{e(g.note)}</p>")
-        if g.top:
-            out.append(f"<h3>Most blast-like cells (top {len(g.top)} of {r.n_cells})</h3>" + _cell_figures(g.top))
-        if g.low:
-            out.append("<h3>Least blast-like cells, for contrast</h3>" + _cell_figures(g.low))
-        if g.fields:
-            more = g.n_fields - len(g.fields)
-            tail = f" ({more} more not shown; the JSON report lists every cell)" if more > 0 else ""
-            out.append(f"<h3>Fields with the detected cells boxed (red: blast-like){e(tail)}</h3>" + _field_figures(g.fields))
-        if g.crops_folder is not None:
-            out.append(f"<p class='small'>{g.crops_saved} crop(s) saved in {e(g.crops_folder)}</p>")
-    out.append("</section>")
-    return "\n".join(out)
+def _rule(r: PatientResult) -> dict[str, str] | None:
+    rule = getattr(r, "rule", None) or {}
+    if not rule:
+        return None
+    return {"name": str(rule.get("rule", "")), "background": _pct(rule.get("background_pct")),
+            "all_level": _pct(rule.get("all_pct")), "p": _pvalue(rule.get("p_excess")), "alpha": f"{rule.get('alpha', 0.01):g}",
+            "confidence": f"{100 * rule.get('confidence', 0.95):.0f}"}
 
 
-def _metrics_block(metrics: dict[str, Any], results: Sequence[PatientResult], labels: dict[str, int]) -> str:
-    m = metrics
-    out = ["<h2>Metrics against the labels</h2>",
-           f"<p>{m['n']} labelled patient(s) with a call, threshold {m['threshold']:.3f}; "
-           f"{m.get('n_not_ok', 0)} failed/insufficient and {m.get('n_unlabelled', 0)} unlabelled patient(s) left out.</p>",
-           "<table class='kv'>"]
-    for k in ("accuracy", "f1", "sensitivity", "specificity", "precision", "roc_auc"):
-        out.append(f"<tr><td>{e(k)}</td><td>{_num(m.get(k), 4)}</td></tr>")
-    out.append("</table><h3>Confusion matrix</h3><table><tr><th></th><th>called ALL</th><th>called normal</th></tr>"
-               f"<tr><th>ALL</th><td class='num'>{m['tp']}</td><td class='num'>{m['fn']}</td></tr>"
-               f"<tr><th>normal</th><td class='num'>{m['fp']}</td><td class='num'>{m['tn']}</td></tr></table>")
-    pairs = [(labels[r.patient], r.p_all) for r in results if r.ok and r.patient in labels]
+def _patient_view(i: int, r: PatientResult, g: Gallery | None, conditions: list[str]) -> dict[str, Any]:
+    rule = _rule(r)
+    pct, lo, hi = getattr(r, "blast_pct", None), getattr(r, "blast_pct_lo", None), getattr(r, "blast_pct_hi", None)
+    ci = rule["confidence"] if rule else "95"
+    has_pct = not _nan(pct)
+    return {
+        "i": i, "name": r.patient, "status": r.status, "ok": r.ok, "call": r.call, "label": _label(r),
+        "p_all": _num(r.p_all, 4), "p_all_v": _num(r.p_all, 4) or -1, "n_images": r.n_images, "n_cells": r.n_cells,
+        "n_blast_like": r.n_blast_like, "blast_v": f"{pct:.4f}" if has_pct else -1,
+        "blast_short": f"{_pct(pct)} % ({_pct(lo)}-{_pct(hi)})" if has_pct else "",
+        "blast": f"{_pct(pct)} % ({ci} % CI {_pct(lo)}-{_pct(hi)} %)" if has_pct else "",
+        "cell_threshold": "" if r.cell_threshold is None else f"{r.cell_threshold:.2f}",
+        "reason": r.reason, "rule": rule, "qc": list(getattr(r, "qc", None) or []),
+        "problems": [im.reason for im in r.images if im.status != "ok"],
+        "skipped": list(getattr(r, "skipped", None) or []), "notes": list(r.notes),
+        "conditions": conditions, "gallery": _gallery(g),
+    }
+
+
+def _metrics_view(m: dict[str, Any], results: Sequence[PatientResult], labels: dict[str, int]) -> dict[str, Any]:
+    labelled = [r for r in results if r.ok and r.patient in labels]
+    calls = ["ALL", "review", "normal"]
+    confusion = [(name, [sum(1 for r in labelled if labels[r.patient] == y and r.call == c) for c in calls])
+                 for name, y in (("ALL", 1), ("normal", 0))]
+    views = [("ALL call", m), ("screen (ALL or review)", m.get("screen")), ("p_all alone", m.get("p_all"))]
+    views = [(name, v) for name, v in views if v]
+    pairs = [(labels[r.patient], r.p_all) for r in labelled]
     svg = review_plots.roc_svg([a for a, _ in pairs], [b for _, b in pairs], m.get("roc_auc", float("nan")), m["threshold"])
-    if svg:
-        out.append(f"<div class='plots'>{svg}</div>")
-    elif review_plots.available():
-        out.append("<p class='small'>No ROC curve: the labelled patients hold a single class.</p>")
-    return "\n".join(out)
+    return {
+        "n": m["n"], "n_review": m.get("n_review", sum(1 for r in labelled if r.call == "review")),
+        "n_not_ok": m.get("n_not_ok", 0), "n_unlabelled": m.get("n_unlabelled", 0), "threshold": f"{m['threshold']:.3f}",
+        "columns": [name for name, _ in views],
+        "rows": [(k, [_num(v.get(k), 4) for _, v in views]) for k in METRIC_NAMES],
+        "calls": calls, "confusion": confusion, "roc_svg": trusted(svg),
+        "single_class": svg is None and review_plots.available(),
+    }
 
 
-def _stress_block(rows: Sequence[dict]) -> str:
-    out = ["<h2>Stress test: recall on ALL patients per condition</h2><table><tr><th>removed</th><th>recall</th>"
-           "<th>ALL called</th><th>ALL patients</th><th>specificity</th><th>cells kept</th><th>cells classed by</th></tr>"]
-    for r in rows:
-        out.append(f"<tr><td>{e(review_plots.CONDITION_NAMES.get(r['removed'], r['removed']))}</td><td class='num'>{_num(r['recall'], 4)}</td>"
-                   f"<td class='num'>{r['tp']}</td><td class='num'>{r['n_all']}</td><td class='num'>{_num(r['specificity'], 4)}</td>"
-                   f"<td class='num'>{r['cells_kept']}</td><td>{e(r.get('by', ''))}</td></tr>")
-    out.append("</table>")
-    svg = review_plots.stress_svg(rows)
-    if svg:
-        out.append(f"<div class='plots'>{svg}</div>")
-    out.append("<p class='small'>A model that looks at the blasts loses recall when they are removed and keeps it when "
-               "normal cells are removed.</p>")
-    return "\n".join(out)
+def _stress_view(rows: Sequence[dict]) -> dict[str, Any]:
+    return {"rows": [{"removed": review_plots.CONDITION_NAMES.get(r["removed"], r["removed"]), "recall": _num(r["recall"], 4),
+                      "tp": r["tp"], "n_all": r["n_all"], "specificity": _num(r["specificity"], 4),
+                      "cells_kept": r["cells_kept"], "by": r.get("by", "")} for r in rows],
+            "svg": trusted(review_plots.stress_svg(rows))}
 
 
 def build_page(results: Sequence[PatientResult], meta: dict[str, Any], galleries: dict[str, Gallery] | None = None,
@@ -234,29 +206,25 @@ def build_page(results: Sequence[PatientResult], meta: dict[str, Any], galleries
                stress_rows: Sequence[dict] | None = None, stress_calls: dict[str, dict[str, str]] | None = None) -> str:
     """The whole page as one string. ``stress_calls``: patient -> {condition: call} for the stress test."""
     galleries = galleries or {}
-    counts = {k: sum(1 for r in results if _label(r) == k) for k in ("ALL", "normal", "indeterminate", "insufficient", "failed")}
-    n_skipped = sum(len(getattr(r, "skipped", None) or []) for r in results)
-    script_hash = base64.b64encode(hashlib.sha256(SORT_JS.encode()).digest()).decode()
-    csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'"
-    title = f"allmil review: {meta.get('command', '')}, {len(results)} patient(s)"
-    body = [f"<h1>{e(title)}</h1>",
-            "<p class='warn'>Research use only: allmil is not a medical device. Every call needs review by a haematologist.</p>",
-            "<p>" + ", ".join(f"{v} {e(k)}" for k, v in counts.items() if v) + (f"; {n_skipped} file(s) skipped" if n_skipped else "") + "</p>",
-            "<h2>Run</h2>", _run_info(meta)]
-    if not review_plots.available() and (metrics or stress_rows):
-        body.append(f"<p class='warn'>{e(review_plots.MISSING)}</p>")
-    if stress_rows:
-        body.append(_stress_block(stress_rows))
-    if metrics:
-        body.append(_metrics_block(metrics, results, labels or {}))
-    body += ["<h2>Patients</h2><p class='small'>Click a column to sort; click a patient to see its cells.</p>",
-             _patient_table(results, stress_calls)]
-    body += [_patient_section(i, r, galleries.get(r.patient)) for i, r in enumerate(results)]
-    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<meta http-equiv='Content-Security-Policy' content=\"{csp}\">"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>{e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body)
-            + f"\n<script>{SORT_JS}</script>\n</body></html>\n")
+    cond_cols = list(next(iter(stress_calls.values())).keys()) if stress_calls else []
+    counts = [(sum(1 for r in results if r.ok and r.call == c), c) for c in ("ALL", "review", "normal")]
+    counts += [(sum(1 for r in results if r.status == s), s) for s in ("insufficient", "failed")]
+    script = _script()
+    script_hash = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    columns = (PATIENT_COLUMNS + [(f"cond_{c}", f"call, {c} removed") for c in cond_cols]
+               + [("reason", "reason")])
+    patients = [_patient_view(i, r, galleries.get(r.patient), [(stress_calls or {}).get(r.patient, {}).get(c, "")
+                                                                for c in cond_cols])
+                for i, r in enumerate(results)]
+    return _env().get_template(TEMPLATE).render(
+        title=f"allmil review: {meta.get('command', '')}, {len(results)} patient(s)",
+        csp=f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'",
+        sort_js=trusted(script), counts=counts,
+        n_skipped=sum(len(getattr(r, "skipped", None) or []) for r in results),
+        plots_missing=review_plots.MISSING if not review_plots.available() and (metrics or stress_rows) else "",
+        stress=_stress_view(stress_rows) if stress_rows else None,
+        metrics=_metrics_view(metrics, results, labels or {}) if metrics else None,
+        columns=columns, patients=patients, **_run_view(meta))
 
 
 def write_page(path: str | Path, results: Sequence[PatientResult], meta: dict[str, Any], **kwargs: Any) -> int:
@@ -264,4 +232,3 @@ def write_page(path: str | Path, results: Sequence[PatientResult], meta: dict[st
     text = build_page(results, meta, **kwargs)
     write_report(path, text)
     return len(text.encode("utf-8"))
-

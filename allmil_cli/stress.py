@@ -48,14 +48,17 @@ def run_stress_test(
         pipeline.close()
     rows = []
     for cond, results in by_condition.items():
-        # A patient left with no cell cannot be called ALL: it counts as a negative call.
+        # Recall of the ALL call (the patient rule, allmil_cli.decision). A patient left with no cell cannot be called
+        # ALL: it counts as a negative call. ``recall_screen``: called ALL or review (not normal).
         y = [labels[r.patient] for r in results]
-        pred = [int(r.ok and r.p_all >= pipeline.threshold) for r in results]
+        pred = [int(r.ok and r.call == "ALL") for r in results]
         m = binary_metrics(y, pred)
+        screen = binary_metrics(y, [int(r.call != "normal") for r in results])
         rows.append(
             {
                 "removed": cond,
                 "recall": m["sensitivity"],
+                "recall_screen": screen["sensitivity"],
                 "specificity": m["specificity"],
                 "tp": m["tp"],
                 "n_all": m["tp"] + m["fn"],

@@ -1,15 +1,16 @@
 """Worker processes (``--workers N``, N > 1) that analyse whole files, and their early start.
 
-:class:`ProcessPool`: N worker processes, each holding its own onnxruntime sessions (loaded and sha256-checked
-once per worker, ``intra_op_num_threads=1``), each analysing whole files (decode, ruler, detector, boxes, crops,
-and the embedder when it runs on the CPU) with the very code the serial path runs
-(:meth:`allmil_cli.pipeline.Pipeline.analyse_file`), so results are identical. Files are scheduled and fetched
+:class:`ProcessPool`: N worker processes. Each builds its :class:`FileWorker` once with the factory it is handed
+(by default :func:`allmil_cli.analysis.open_analyser`: its own onnxruntime sessions, sha256-checked,
+``intra_op_num_threads=1``) and runs its ``analyse_file`` on whole files (decode, ruler, detector, boxes, crops,
+and the embedder when it runs on the CPU): the very code the serial path runs, so results are identical. Files are scheduled and fetched
 in order, at most ``LOOKAHEAD_PER_WORKER`` per worker in flight (the contract of :mod:`allmil_cli.parallel`).
 Workers start with ``forkserver`` (``spawn`` where that is missing): never ``fork``, which would copy
 onnxruntime's thread pools mid-flight. They ignore Ctrl-C; the main process stops and reaps them.
 :func:`prestart` launches them as the CLI starts, so their imports and model loads overlap the main process's.
 
-Nothing here imports :mod:`allmil_cli.pipeline` at module level (the pipeline imports this module).
+This module imports only the standard library and :mod:`allmil_cli.parallel` when it loads (the CLI starts the
+forkserver through it before its own heavy imports); it never imports :mod:`allmil_cli.pipeline`.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from allmil_cli.parallel import LOOKAHEAD_PER_WORKER, _Ordered
+
+if TYPE_CHECKING:
+    from allmil_cli.results import FileOutcome, Options, StageTimer
 
 #: A worker process that dies (killed, crashed in a decoder) takes the files in flight with it: the pool is
 #: replaced and they are analysed again, at most this often per file before the file is reported as failed.
@@ -46,7 +50,34 @@ def start_method() -> str:
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
-_WORKER: Any = None  # the worker process's Pipeline
+#: What the forkserver imports once, so that each worker it forks starts with them loaded.
+PRELOAD = ["allmil_cli.analysis", "onnxruntime", "scipy.ndimage"]
+
+
+class FileWorker(Protocol):
+    """What a worker process runs on each file; built once per process by the pool's factory."""
+
+    timer: StageTimer
+
+    @property
+    def sha256(self) -> dict[str, str]: ...  # the model files it runs (checked against the main process's)
+
+    def analyse_file(self, path: Path, mode: str, keep_field: bool) -> FileOutcome: ...
+
+
+#: Builds a worker process's :class:`FileWorker` from (weights folder, the run's model sha256s, the run's options);
+#: a module-level function, so it pickles by name. Default: :func:`allmil_cli.analysis.open_analyser`.
+WorkerFactory = Callable[[str, "dict[str, str] | None", "Options"], FileWorker]
+
+
+def default_factory() -> WorkerFactory:
+    """The field analyser (imported here, not at the top: this module must load light, see the module docstring)."""
+    from allmil_cli.analysis import open_analyser
+
+    return open_analyser
+
+
+_WORKER: FileWorker | None = None  # this worker process's analyser
 _WORKER_ERROR: str | None = None  # why it could not be built
 
 
@@ -71,37 +102,30 @@ def _exit_with(pid: int) -> None:
     os._exit(1)
 
 
-def _init_worker(weights_dir: str, sha256: dict[str, str] | None, options: Any, main_pid: int) -> None:
-    """Runs once in each worker process: load and check the models, build a serial Pipeline."""
+def _init_worker(factory: WorkerFactory, weights_dir: str, sha256: dict[str, str] | None, options: Options,
+                 main_pid: int) -> None:
+    """Runs once in each worker process: build its :class:`FileWorker` (load and check the models)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     threading.Thread(target=_exit_with, args=(main_pid,), name="allmil-watch-main", daemon=True).start()
     global _WORKER, _WORKER_ERROR
     try:
-        from dataclasses import replace
-
-        from allmil_cli.models import load_models
-        from allmil_cli.pipeline import Pipeline
-
-        models = load_models(Path(weights_dir), device="cpu", threads=1, precision=options.precision)
-        if sha256 is not None and models.sha256 != sha256:
-            raise RuntimeError(f"{weights_dir}: the model files changed since the run started; restart the run.")
-        _WORKER = Pipeline(models, replace(options, workers=1, decode_workers=1))
+        _WORKER = factory(weights_dir, sha256, options)
     except Exception as exc:  # noqa: BLE001 - reported by the main process (start), not as a broken pool
         _WORKER_ERROR = str(exc) or type(exc).__name__
 
 
-def _work(path: Path, mode: str, keep_field: bool) -> tuple[Any, dict[str, float]]:
-    """One file in a worker: its :class:`FileOutcome` and the stage seconds it took there."""
-    pipeline = _WORKER
-    if pipeline is None:
+def _work(path: Path, mode: str, keep_field: bool) -> tuple[FileOutcome, dict[str, float]]:
+    """One file in a worker: its :class:`~allmil_cli.results.FileOutcome` and the stage seconds it took there."""
+    worker = _WORKER
+    if worker is None:
         raise WorkerStartError(f"a worker process could not load the models ({_WORKER_ERROR})")
-    pipeline.timer.seconds.clear()
-    outcome = pipeline.analyse_file(path, mode=mode, keep_field=keep_field)
-    return outcome, dict(pipeline.timer.seconds)
+    worker.timer.seconds.clear()
+    outcome = worker.analyse_file(path, mode, keep_field)
+    return outcome, dict(worker.timer.seconds)
 
 
 def _started() -> tuple[str | None, dict[str, str] | None]:
-    return _WORKER_ERROR, None if _WORKER is None else dict(_WORKER.models.sha256)
+    return _WORKER_ERROR, None if _WORKER is None else dict(_WORKER.sha256)
 
 
 def _start_forkserver_deaf_to_ctrl_c() -> None:
@@ -128,15 +152,18 @@ class WorkerStartError(RuntimeError):
 class ProcessPool:
     """``workers`` processes analysing whole files in order (see the module docstring).
 
+    ``factory(weights_dir, sha256, options)`` builds each process's :class:`FileWorker` (default: the field analyser).
     ``on_stage(stage, seconds)`` receives each worker's stage seconds (for the benchmark's breakdown).
     ``failed(path, reason)`` builds the outcome of a file whose worker died twice or raised unexpectedly.
     """
 
-    def __init__(self, weights_dir: Path, sha256: dict[str, str] | None, options: Any, workers: int,
-                 failed: Callable[[Path, str], Any] | None = None, on_stage: Callable[[str, float], None] | None = None) -> None:
+    def __init__(self, weights_dir: Path, sha256: dict[str, str] | None, options: Options, workers: int,
+                 failed: Callable[[Path, str], FileOutcome] | None = None, on_stage: Callable[[str, float], None] | None = None,
+                 factory: WorkerFactory | None = None) -> None:
         self.workers = max(1, int(workers))
         self.weights_dir, self.options, self.sha256 = Path(weights_dir).resolve(), options, sha256
-        self._initargs = (str(weights_dir), None if sha256 is None else dict(sha256), options, os.getpid())
+        self.factory = factory or default_factory()
+        self._initargs = (self.factory, str(weights_dir), None if sha256 is None else dict(sha256), options, os.getpid())
         self._failed = failed or (lambda path, reason: None)
         self._on_stage = on_stage
         self._starting: list[Future] = []
@@ -152,7 +179,7 @@ class ProcessPool:
     def _context() -> Any:
         ctx = mp.get_context(start_method())
         if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload(["allmil_cli.pipeline", "onnxruntime", "scipy.ndimage"])
+            ctx.set_forkserver_preload(PRELOAD)
             _start_forkserver_deaf_to_ctrl_c()
         return ctx
 
@@ -188,7 +215,7 @@ class ProcessPool:
         if launcher is not None and launcher is not threading.current_thread():
             launcher.join()
 
-    def adopt(self, sha256: dict[str, str], failed: Callable[[Path, str], Any],
+    def adopt(self, sha256: dict[str, str], failed: Callable[[Path, str], FileOutcome],
               on_stage: Callable[[str, float], None] | None) -> None:
         """Take over a pool launched before the run's models were loaded (:func:`prestart`)."""
         self.sha256, self._failed, self._on_stage = dict(sha256), failed, on_stage
@@ -233,7 +260,7 @@ class ProcessPool:
         key = (path, mode, keep_field)
         return self._queue.is_upcoming(key) or self._queue.is_pending(key)
 
-    def fetch(self, path: Path, mode: str, keep_field: bool) -> Any | None:
+    def fetch(self, path: Path, mode: str, keep_field: bool) -> FileOutcome | None:
         """The file's outcome, or None when it was not scheduled (the caller analyses it itself)."""
         key = (path, mode, keep_field)
         fut = self._queue.take(key, self._submit)
@@ -305,7 +332,7 @@ class ProcessPool:
 _PRESTARTED: list[ProcessPool] = []
 
 
-def _settings(options: Any) -> Any:
+def _settings(options: Options) -> Options:
     from dataclasses import replace
 
     return replace(options, workers=1, decode_workers=1)
@@ -317,13 +344,13 @@ def start_forkserver() -> None:
     ProcessPool._context()
 
 
-def prestart(weights_dir: Path, options: Any, workers: int) -> None:
+def prestart(weights_dir: Path, options: Options, workers: int, factory: WorkerFactory | None = None) -> None:
     """Launch ``workers`` worker processes now, so their start (imports, model load) overlaps the main process's
-    own; the next :class:`allmil_cli.pipeline.Pipeline` with the same weights, options and workers takes them
-    over (:func:`take_prestarted`). Unclaimed ones are stopped at exit."""
+    own; the run's next pool with the same weights, options, workers and factory takes them over
+    (:func:`take_prestarted`). Unclaimed ones are stopped at exit."""
     if workers <= 1 or _PRESTARTED:
         return
-    pool = ProcessPool(weights_dir, None, options, workers)
+    pool = ProcessPool(weights_dir, None, options, workers, factory=factory)
     pool.launch()
     _PRESTARTED.append(pool)
     import atexit
@@ -331,12 +358,13 @@ def prestart(weights_dir: Path, options: Any, workers: int) -> None:
     atexit.register(pool.close)
 
 
-def take_prestarted(weights_dir: Path, options: Any, workers: int) -> ProcessPool | None:
+def take_prestarted(weights_dir: Path, options: Options, workers: int, factory: WorkerFactory | None = None) -> ProcessPool | None:
     """The pool :func:`prestart` launched, if it fits this run (else it is stopped)."""
     if not _PRESTARTED:
         return None
     pool = _PRESTARTED.pop()
-    if (pool.workers, pool.weights_dir, _settings(pool.options)) == (workers, Path(weights_dir).resolve(), _settings(options)):
+    fits = (pool.workers, pool.weights_dir, _settings(pool.options)) == (workers, Path(weights_dir).resolve(), _settings(options))
+    if fits and pool.factory is (factory or default_factory()):
         return pool
     pool.close()
     return None

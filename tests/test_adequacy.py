@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from allmil_cli.cli import app, diagnose
+from allmil_cli.decision import RuleParams
 from allmil_cli.images import Patient
 from allmil_cli.models import load_models
 from allmil_cli.pipeline import MIN_CELLS_NORMAL, Options, Pipeline
@@ -23,9 +24,10 @@ runner = CliRunner()
 FIELD = EXAMPLES / "patient_A" / "BloodImage_00007.jpg"
 
 
-#: The tiny aggregator says p_all ~0.997 on these fields: these thresholds force a normal or an ALL call.
-NORMAL = dict(threshold=0.9999, indeterminate_band=0.0)
-ALL = dict(threshold=0.01, indeterminate_band=0.0)
+#: Options that force a call whatever the tiny models score: no cell blast-like and an ALL level no count can
+#: reach (normal), or every cell blast-like against a near-zero background (ALL).
+NORMAL = dict(cell_threshold=1.01, rule=RuleParams(background=0.05, all_rate=0.99))
+ALL = dict(cell_threshold=0.0, rule=RuleParams(background=0.001, all_rate=0.002, alpha=0.4))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,8 @@ def test_a_normal_call_from_too_few_cells_is_insufficient(models):
     at = Pipeline(models, Options(min_cells_normal=n, **NORMAL)).diagnose_patient(one_field_patient())
     assert at.ok and at.call == "normal" and at.p_all == base.p_all  # exactly enough cells: the call stands
     below = Pipeline(models, Options(min_cells_normal=n + 1, **NORMAL)).diagnose_patient(one_field_patient())
-    assert below.status == "insufficient" and below.call == "indeterminate" and math.isnan(below.p_all)
+    assert below.status == "insufficient" and below.call == "review" and math.isnan(below.p_all)
+    assert below.blast_pct == 0.0 and below.blast_pct_hi > 0  # the count and its interval are still reported
     assert below.n_cells == n and len(below.cells) == n  # the cells are still reported
     assert f"only {n} white cell(s)" in below.reason and "--min-cells-normal" in below.reason
     assert f"{base.p_all:.4f}" in below.reason  # what the model would have said, for the reviewer
@@ -63,7 +66,8 @@ def test_a_normal_call_from_too_few_cells_is_insufficient(models):
 
 def test_an_all_call_from_few_cells_stands(models):
     r = Pipeline(models, Options(min_cells_normal=1000, **ALL)).diagnose_patient(one_field_patient())
-    assert r.ok and r.call == "ALL" and r.n_cells < 1000 and r.reason == ""
+    assert r.ok and r.call == "ALL" and r.n_cells < 1000 and r.blast_pct == 100.0
+    assert r.reason.startswith(f"100 % blast-like (95 % CI {r.blast_pct_lo:.0f}-100 %) of {r.n_cells} cells")
 
 
 def test_metrics_leave_insufficient_patients_out(models):
@@ -84,15 +88,15 @@ def test_cli_option_reaches_the_run_and_zero_disables(tiny_weights, tmp_path):
     for value in ("0", "1000"):
         js = tmp_path / f"r{value}.json"
         r = runner.invoke(app, ["diagnose", str(patients_dir), "--out", str(tmp_path / f"r{value}.csv"), "--json", str(js),
-                                "--weights", str(tiny_weights), "--quiet", "--threshold", "0.9999", "--indeterminate-band", "0",
+                                "--weights", str(tiny_weights), "--quiet", "--cell-threshold", "1.01",
                                 "--min-cells-normal", value], catch_exceptions=False)
         docs[value], codes[value] = json.loads(js.read_text()), r.exit_code
         assert docs[value]["options"]["min_cells_normal"] == int(value)
     assert codes["0"] == 0 and {p["status"] for p in docs["0"]["patients"]} == {"ok"}
     calls = {p["patient"]: p["call"] for p in docs["0"]["patients"]}
-    assert "normal" in calls.values()
+    assert set(calls.values()) <= {"normal", "review"}  # no cell is blast-like at --cell-threshold 1.01
     for p in docs["1000"]["patients"]:  # ALL calls stand; every other patient lacks the cells to be ruled out
-        assert (p["status"], p["call"]) == (("ok", "ALL") if calls[p["patient"]] == "ALL" else ("insufficient", "indeterminate"))
+        assert (p["status"], p["call"]) == (("ok", "ALL") if calls[p["patient"]] == "ALL" else ("insufficient", "review"))
     assert codes["1000"] == 1  # documented: 1 when some patients are insufficient
 
 

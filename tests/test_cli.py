@@ -39,8 +39,11 @@ def test_diagnose_examples_writes_csv_and_json(patients_dir, tiny_weights, tmp_p
     assert list(rows[0].keys()) == CSV_COLUMNS
     assert [row["patient"] for row in rows] == ["patient_A", "patient_B", "patient_C"]
     for row in rows:
-        assert row["status"] == "ok" and row["reason"] == ""
-        assert row["call"] in {"ALL", "normal", "indeterminate"}
+        assert row["status"] == "ok" and row["call"] in {"ALL", "normal", "review"}
+        # the reason explains the call: the blast-like percentage, its interval and the cell count
+        assert row["reason"].startswith(f"{float(row['blast_pct']):.0f} % blast-like (95 % CI ")
+        assert f"of {row['n_cells']} cells" in row["reason"]
+        assert float(row["blast_pct_lo"]) <= float(row["blast_pct"]) <= float(row["blast_pct_hi"])
         assert 0.0 <= float(row["p_all"]) <= 1.0
         assert int(row["n_cells"]) >= 1  # every BCCD field holds at least one stained WBC
     assert [int(r["n_images"]) for r in rows] == [5, 5, 5]

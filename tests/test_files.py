@@ -128,7 +128,7 @@ def test_webp_fields_are_analysed(tmp_path, tiny_weights):
 
 
 def _result(name: str, reason: str, status: str = "insufficient") -> PatientResult:
-    return PatientResult(patient=name, status=status, call="indeterminate", p_all=float("nan"), n_images=12, n_cells=3,
+    return PatientResult(patient=name, status=status, call="review", p_all=float("nan"), n_images=12, n_cells=3,
                          n_blast_like=0, blast_fraction=0.0, reason=reason)
 
 

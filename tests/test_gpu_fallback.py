@@ -74,7 +74,7 @@ def test_gpu_networks_without_nvjpeg_give_the_cpu_results(models, patients, cpu_
 
     cuda_like = replace(models, provider="CUDAExecutionProvider", gpu_decode=False)
     pipe = Pipeline(cuda_like, Options(keep_features=True, workers=workers))
-    assert pipe.embed_here and pipe._gpu is None
+    assert pipe.embed_here and pipe.executor.gpu is None
     results = list(pipe.run(patients))
     assert [_flat(r) for r in results] == [_flat(r) for r in cpu_results]
 

@@ -84,7 +84,7 @@ def _flat(result) -> str:
 
 def test_workers_give_the_serial_results_cell_for_cell(models, cohort, serial):
     parallel, pipe = _run(models, cohort, workers=2)
-    assert pipe._pool is None  # closed after the run
+    assert pipe.executor.pool is None  # closed after the run
     assert [r.patient for r in parallel] == ["patient_A", "patient_B", "patient_C", "patient_D"]
     assert sum(r.n_cells for r in serial) > 10
     for s, p in zip(serial, parallel):
@@ -122,7 +122,7 @@ def test_in_flight_is_bounded_and_on_field_gets_decoded_fields(models, cohort):
 
     def on_field(patient, fld, cells, rbc_px):
         seen.append((patient.name, fld.rgb.shape, len(cells)))
-        depth.append(len(pipe._pool._queue.pending))
+        depth.append(len(pipe.executor.pool._queue.pending))
 
     pipe = Pipeline(models, Options(workers=2), on_field=on_field)
     results = list(pipe.run(patients))
@@ -139,8 +139,8 @@ def test_a_killed_worker_is_replaced_and_results_stay_identical(models, cohort, 
     patients, _ = discover_patients(cohort)
     pipe = Pipeline(models, Options(workers=2, keep_features=True))
     pipe.prefetch(patients)
-    pipe._pool.start()  # wait until the workers run (one dying while it starts is a start failure: exit 3)
-    victim = next(iter(pipe._pool._executor._processes.values()))
+    pipe.executor.pool.start()  # wait until the workers run (one dying while it starts is a start failure: exit 3)
+    victim = next(iter(pipe.executor.pool._executor._processes.values()))
     os.kill(victim.pid, signal.SIGKILL)
     try:
         parallel = [pipe.diagnose_patient(p) for p in patients]
@@ -254,7 +254,7 @@ def test_prestarted_workers_are_taken_over_only_when_they_fit(models, cohort, se
     patients, _ = discover_patients(cohort)
     pipe = Pipeline(models, Options(workers=2, keep_features=True))
     used = []
-    results = list(pipe.run(patients, on_done=lambda r: used.append(pipe._pool)))
+    results = list(pipe.run(patients, on_done=lambda r: used.append(pipe.executor.pool)))
     assert used and all(p is early for p in used) and not workers._PRESTARTED
     assert [_flat(r) for r in results] == [_flat(r) for r in serial]
 
@@ -267,9 +267,10 @@ def test_every_file_goes_to_the_workers_and_this_process_analyses_none(models, c
     pipe = Pipeline(models, Options(workers=2, keep_features=True))
     pipe.prefetch(patients)
     files = [f for p in patients for f in p.images]
-    assert all(pipe._pool.scheduled(f, "analyse", False) for f in files)
+    assert all(pipe.executor.pool.scheduled(f, "analyse", False) for f in files)
     here: list = []
-    pipe.analyse_file = lambda *a, **k: here.append(a) or Pipeline.analyse_file(pipe, *a, **k)  # would be this process's
+    local = pipe.executor.local  # what this process would analyse goes through here
+    local.analyse_file = lambda *a, f=local.analyse_file: here.append(a) or f(*a)
     try:
         parallel = [pipe.diagnose_patient(p) for p in patients]
     finally:

@@ -67,6 +67,16 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+def plain(fragment: str) -> str:
+    """The text a reader sees of an HTML fragment: tags dropped, entities decoded, white space collapsed."""
+    return " ".join(" ".join(Page(fragment).text).split())
+
+
+def pct(x: float) -> str:
+    """A percentage as allmil_cli.decision writes it in the reasons."""
+    return f"{x:.0f}" if x >= 10 or x == 0 else f"{x:.1f}"
+
+
 def browser(*args: str) -> subprocess.CompletedProcess:
     exe = chromium()
     if exe is None:
@@ -111,13 +121,26 @@ def test_page_is_self_contained_and_complete(labelled_page):
     assert doc["execution_provider"] in body and doc["version"] in body and "min_cells_normal=0" in body
     # the patient table: one row per patient, sortable, with the calls of the JSON
     assert [a["data-key"] for a in page.all("th") if a.get("data-key")][:10] == ["patient", "status", "call", "p_all", "images", "cells",
-                                                              "blast_like", "blast_fraction", "qc", "skipped"]
-    rows = re.findall(r"<tr><td data-v='([^']*)'><a href='#p-(\d+)'>", text)
+                                                              "blast_like", "blast_pct", "qc", "skipped"]
+    rows = re.findall(r"<tr>\s*<td data-v='([^']*)'><a href='#p-(\d+)'>", text)
     assert [name for name, _ in rows] == [p["patient"] for p in doc["patients"]]
+    counts = {c: sum(1 for p in doc["patients"] if p["status"] == "ok" and p["call"] == c) for c in ("ALL", "review", "normal")}
+    assert f"{counts['ALL']} ALL, {counts['review']} review, {counts['normal']} normal, 0 insufficient, 0 failed" in body
+    assert "indeterminate" not in text
     # per patient: cell thumbnails (top 12, with scores) and every shown field with one box per detected cell
     for i, p in enumerate(doc["patients"]):
         section = text[text.index(f"<section id='p-{i}'>"):]
         section = section[: section.index("</section>")]
+        words = plain(section)
+        # the blast-like percentage with its 95 % interval (the JSON's numbers), the reason and the rule's numbers
+        assert f"{pct(p['blast_pct'])} % (95 % CI {pct(p['blast_pct_lo'])}-{pct(p['blast_pct_hi'])} %) blast-like" in words
+        assert p["reason"] in words and p["reason"].startswith(f"{pct(p['blast_pct'])} % blast-like (95 % CI")
+        assert f"normal blood (background) {pct(p['rule']['background_pct'])} % blast-like" in words
+        assert f"ALL level {pct(p['rule']['all_pct'])} % blast-like" in words
+        shown_p = float(re.search(r"more blast-like than normal blood\? p = ([0-9.e+-]+) ", words).group(1))
+        assert shown_p == pytest.approx(p["rule"]["p_excess"], rel=0.05, abs=5e-4)
+        row = plain(re.search(rf"<tr>\s*<td data-v='{p['patient']}'>.*?</tr>", text, flags=re.S).group(0))
+        assert f"{pct(p['blast_pct'])} % ({pct(p['blast_pct_lo'])}-{pct(p['blast_pct_hi'])})" in row and p["call"] in row
         n_thumbs = section.count("<figure class='cell")
         assert n_thumbs == min(len(p["cells"]), 12 + 4)
         top_scores = sorted((c["blast_score"] for c in p["cells"]), reverse=True)[:12]
@@ -129,9 +152,11 @@ def test_page_is_self_contained_and_complete(labelled_page):
     # labels: metrics, confusion matrix, ROC curve as inline SVG
     m = doc["metrics"]
     assert "Confusion matrix" in body and f"{m['accuracy']:.4f}" in body
-    cm = re.search(r"<th>ALL</th><td class='num'>(\d+)</td><td class='num'>(\d+)</td></tr><tr><th>normal</th>"
-                   r"<td class='num'>(\d+)</td><td class='num'>(\d+)</td>", text)
-    assert tuple(int(x) for x in cm.groups()) == (m["tp"], m["fn"], m["fp"], m["tn"])
+    cm = re.search(r"<tr><th>ALL</th><td class='num'>(\d+)</td><td class='num'>(\d+)</td><td class='num'>(\d+)</td></tr>\s*"
+                   r"<tr><th>normal</th><td class='num'>(\d+)</td><td class='num'>(\d+)</td><td class='num'>(\d+)</td>", text)
+    a_all, a_review, a_normal, n_all, n_review, n_normal = (int(x) for x in cm.groups())
+    assert (a_all, a_review + a_normal, n_all, n_review + n_normal) == (m["tp"], m["fn"], m["fp"], m["tn"])
+    assert (a_review + n_review, a_normal + n_normal) == (m["n_review"], m["screen"]["tn"] + m["screen"]["fn"])
     assert "ROC, 3 labelled patients" in text and f"AUC {m['roc_auc']:.3f}" in text
 
 
@@ -184,6 +209,89 @@ def test_page_renders_in_headless_chromium_and_sorts(labelled_page, tmp_path):
     order = re.findall(r'href="#p-\d+">([^<]+)</a>', dom)
     assert order == sorted((p["patient"] for p in doc["patients"]), reverse=True)
     assert 'aria-sort="descending"' in dom
+
+
+def rule_results():
+    """Four patients through the real patient rule: ALL, normal, review and a failed one, with user text in the way."""
+    from allmil_cli.decision import FALLBACK_RULE, decide
+    from allmil_cli.pipeline import PatientResult
+
+    out = []
+    for name, k, n in ((XSS, 27, 86), ("p_five", 5, 100), ("p_fifteen", 15, 100)):
+        d = decide(k, n, FALLBACK_RULE)
+        out.append(PatientResult(patient=name, status="ok", call=d.call, p_all=0.5, n_images=2, n_cells=n, n_blast_like=k,
+                                 blast_fraction=k / n, reason=d.reason, blast_pct=d.blast_pct, blast_pct_lo=d.blast_pct_lo,
+                                 blast_pct_hi=d.blast_pct_hi, rule=d.evidence(FALLBACK_RULE), qc=[XSS]))
+    out.append(PatientResult(patient="p_failed", status="failed", call="review", p_all=float("nan"), n_images=0, n_cells=0,
+                             n_blast_like=0, blast_fraction=float("nan"), reason=f"no readable image: {XSS_FILE}"))
+    return out
+
+
+PROFILE = {"path": "/labs/<b>ours</b>.json", "sha256": "ab" * 32, "lab": XSS, "background": 0.0834, "n_cells": 1200}
+
+
+def test_page_shows_the_rule_calls_and_site_profile_escaped(tmp_path):
+    from allmil_cli.review import build_page
+
+    results = rule_results()
+    assert [r.call for r in results] == ["ALL", "normal", "review", "review"]
+    text = build_page(results, {"command": "diagnose", "site_profile": PROFILE})
+    page = Page(text)
+    body = plain(text)
+    assert "3 review" not in body and "1 ALL, 1 review, 1 normal, 0 insufficient, 1 failed" in body
+    assert "indeterminate" not in text
+    # user text stays text: no tag or handler from a name, a reason, a QC flag or the site profile got in
+    assert {t for t, _ in page.tags} <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "table", "tr",
+                                         "td", "th", "thead", "tbody", "a", "span", "section", "strong", "code", "em",
+                                         "details", "summary", "ul", "li", "script"}
+    assert not any(k.startswith("on") for _, attrs in page.tags for k in attrs)
+    assert body.count(XSS) >= 4 and XSS_FILE in body and "<b>" not in text
+    # the site profile, every key and value, in the run information
+    block = plain(re.search(r"<h3>Site profile</h3>.*?</table>", text, flags=re.S).group(0))
+    for key, value in (("path", "/labs/<b>ours</b>.json"), ("sha256", "ab" * 32), ("lab", XSS), ("background", "0.0834"),
+                       ("n_cells", "1200")):
+        assert f"{key} {value}" in block
+    assert "Site profile" not in build_page(results, {"command": "diagnose"})
+    # per patient: the call's reasoning, the blast-like percentage and its interval as the reason states them
+    for i, r in enumerate(results):
+        section = plain(text[text.index(f"<section id='p-{i}'>"): text.index("</section>", text.index(f"<section id='p-{i}'>"))])
+        assert r.reason in section and f"{r.call}" in section
+        if r.ok:
+            m = re.match(r"([0-9.]+) % blast-like \(95 % CI ([0-9.]+)-([0-9.]+) %\) of (\d+) cells", r.reason)
+            assert f"{m[1]} % (95 % CI {m[2]}-{m[3]} %) blast-like" in section
+            assert "normal blood (background) 10 % blast-like" in section and "ALL level 20 % blast-like" in section
+            assert f"p = {r.rule['p_excess']:.1e}" in section or f"p = {r.rule['p_excess']:.3f}" in section
+        else:
+            assert "failed" in section and "normal blood (background)" not in section
+    # the table: call badges (review amber, as styled), blast % cells sortable by the number
+    cells = re.findall(r"<td class='num' data-v='([^']*)'>([^<]*)</td>\s*<td class='qc'", text)
+    assert [float(v) for v, _ in cells] == pytest.approx([r.blast_pct if r.ok else -1 for r in results], abs=1e-3)
+    want = [re.sub(r"^([0-9.]+) % blast-like \(95 % CI ([0-9.]+)-([0-9.]+) %\).*", r"\1 % (\2-\3)", r.reason) if r.ok else ""
+            for r in results]
+    assert [shown for _, shown in cells] == want and want[0] == "31 % (23-42)"
+    assert ".call-review{" in text and text.count("class='call call-review'") == 4
+
+
+def test_blast_percentage_sorts_as_a_number_in_chromium(tmp_path):
+    from allmil_cli.review import write_page
+
+    path = tmp_path / "rule.html"
+    write_page(path, rule_results(), {"command": "diagnose", "site_profile": PROFILE})
+    dom = browser("--virtual-time-budget=3000", "--dump-dom", path.as_uri() + "#sort=blast_pct-desc").stdout
+    assert [int(i) for i in re.findall(r'href="#p-(\d+)"', dom)] == [0, 2, 1, 3]  # 31 %, 15 %, 5.0 %, no cells
+    assert "<img src=\"x\"" not in dom and 'aria-sort="descending"' in dom
+
+
+def test_template_ships_with_autoescape_and_one_trusted_place():
+    from importlib.resources import files
+
+    from allmil_cli import review
+
+    template = files("allmil_cli").joinpath("templates", review.TEMPLATE).read_text(encoding="utf-8")
+    code = re.sub(r"\{#.*?#\}", "", template, flags=re.S).replace(" ", "")  # the template without its comments
+    assert review._env().autoescape is True and "|safe" not in code and "autoescapefalse" not in code
+    source = (files("allmil_cli") / "review.py").read_text(encoding="utf-8")
+    assert source.count("Markup(") == 1  # only trusted() marks markup safe
 
 
 def test_page_without_matplotlib_has_tables_and_a_note(patients_dir, tiny_weights, tmp_path, monkeypatch):

@@ -1,0 +1,246 @@
+"""Protocol 4: composition and scale. Does the patient call hold as a lab scans more cells?
+
+``python -m allmil_cli.train.protocol4`` (needs ``python -m allmil_cli.train.heldout`` first) composes synthetic
+patients from held-out cells only and reports the call distribution over a grid of blast fractions and sizes.
+
+Held-out material (``heldout.py``): for protocol-2 fold ``k``, the ground-truth white cells of fold ``k``'s test
+fields scored by fold ``k``'s model, plus one fifth (``part == k``, by a hash of the image or BCCD field) of the PBC
+images outside the training subset and of BCCD's test-split WBCs, scored by the same model. The rule's parameters
+for fold ``k`` are fitted (``rule.fit_rule``) on the other four folds' held-out cells and parts only; fold ``k``'s
+cells then judge them. Nothing of a test cell is seen by its model or by its rule.
+
+Grid: blast fractions 0, 1, 2, 5, 10, 20, 40, 80 % (blasts: ALL-IDB1/2 blasts of the fold) in benign backgrounds:
+``typical`` (PBC differential: 55 % neutrophils, 30 % lymphocytes, 7 % monocytes, 5 % eosinophils, 3 % basophils),
+``lymph-rich`` (70 % lymphocytes), ``immature`` (25 % immature granulocytes, 15 % erythroblasts, 35 % lymphocytes,
+25 % neutrophils), ``idb-normal`` (ALL-IDB normal white cells: the blasts' own lab and stain) and ``bccd`` (BCCD
+test WBCs); sizes 15, 50, 100, 200 and 500 cells; ``REPS`` patients per fold and grid cell, cells drawn with
+replacement from the fold's pools. Field-level growth: held-out healthy ALL-IDB1 fields and BCCD test fields
+grouped into patients of 1, 5 and 20 fields (drawn with replacement where a fold has fewer fields).
+The old rule (the LSTM over bags of 15, ``max`` over bags, raw 0.5) is run beside it on fewer patients
+(``LEGACY_REPS``) to show the failure this protocol was built to catch.
+
+Limits: ground-truth cells, not detections (no detector false positives, no duplicates); PBC is held out by image,
+not by donor or source (PBC has no donor ids; the fold models trained on other PBC images). Synthetic mixes put
+cells of different labs in one patient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+from collections import defaultdict
+
+import numpy as np
+
+from allmil_cli.decision import RuleParams, decide
+from allmil_cli.train.heldout import OUT_DIR, load
+from allmil_cli.train.inventory import REPO
+from allmil_cli.train.rule import describe, fit_rule
+
+K = 5
+FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.10, 0.20, 0.40, 0.80)
+SIZES = (15, 50, 100, 200, 500)
+REPS = 400
+LEGACY_REPS = 40
+MIXES: dict[str, dict[str, float]] = {
+    "typical": {"pbc_neutrophil": 0.55, "pbc_lymphocyte": 0.30, "pbc_monocyte": 0.07, "pbc_eosinophil": 0.05,
+                "pbc_basophil": 0.03},
+    "lymph-rich": {"pbc_lymphocyte": 0.70, "pbc_neutrophil": 0.20, "pbc_monocyte": 0.10},
+    "immature": {"pbc_ig": 0.25, "pbc_erythroblast": 0.15, "pbc_lymphocyte": 0.35, "pbc_neutrophil": 0.25},
+    "idb-normal": {"idb_normal": 1.0},
+    "bccd": {"bccd_wbc": 1.0},
+}
+FIELD_SOURCES = {"ALL-IDB1 healthy fields": "idb_normal", "BCCD test fields": "bccd_wbc"}
+FIELD_COUNTS = (1, 5, 20)
+DOC = REPO / "docs" / "protocol4_results.md"
+
+
+def parts(data: dict[str, np.ndarray]) -> np.ndarray:
+    """The fold each cell is a test cell of: ALL-IDB cells their own fold; other cells by a hash of their field."""
+    part = np.array([zlib.crc32(f.encode()) % K for f in data["field"]], np.int8)
+    idb = np.char.startswith(data["group"].astype(str), "idb_")
+    return np.where(idb, data["fold"], part)
+
+
+def split(data: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test mask, fit mask) over the rows of ``data`` (one row per cell and scoring fold) for fold ``k``."""
+    p = parts(data)
+    scored_by_own = data["fold"] == p  # every cell counted once, scored by the model of the fold it is a test cell of
+    return scored_by_own & (p == k), scored_by_own & (p != k)
+
+
+def _draw_counts(rng: np.random.Generator, mix: dict[str, float], rates: dict[str, float], frac: float, n: int,
+                 blast_rate: float, reps: int) -> np.ndarray:
+    """Blast-like counts of ``reps`` synthetic patients (cells drawn with replacement: binomial per group)."""
+    n_blast = rng.binomial(n, frac, size=reps) if 0 < frac < 1 else np.full(reps, int(round(frac * n)))
+    k = rng.binomial(n_blast, blast_rate)
+    groups = list(mix)
+    probs = np.array([mix[g] for g in groups])
+    comp = np.stack([rng.multinomial(m, probs / probs.sum()) for m in n - n_blast])
+    for j, g in enumerate(groups):
+        k = k + rng.binomial(comp[:, j], rates[g])
+    return k
+
+
+def _calls(ks: np.ndarray, n: int, params: RuleParams) -> list[str]:
+    cache: dict[int, str] = {}
+    out = []
+    for k in ks.tolist():
+        if k not in cache:
+            cache[k] = decide(k, n, params).call
+        out.append(cache[k])
+    return out
+
+
+def _legacy_p(model, emb: np.ndarray, blank: np.ndarray) -> float:
+    from allmil_cli.aggregate import bag_probability
+
+    return bag_probability(model.run, emb, blank, 15, "max", 5, 0)
+
+
+def run(reps: int = REPS, legacy_reps: int = LEGACY_REPS, recipe: str = "v2pbc", seed: int = 0) -> dict:
+    data = load(recipe)
+    groups_all = data["group"].astype(str)
+    rng = np.random.default_rng(seed)
+    grid: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    legacy: dict[tuple, list[int]] = defaultdict(list)
+    fields: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    fits = []
+    P = None
+    if legacy_reps:
+        from allmil_cli.train.protocol2 import Protocol2
+
+        P = Protocol2(cells_source="gt", recipe=recipe, verbose=False)
+    for k in range(K):
+        test, fit_mask = split(data, k)
+        fit = fit_rule(data["score"][fit_mask], groups_all[fit_mask])
+        fits.append(fit)
+        print(f"fold {k}: {describe(fit)}", flush=True)
+        t, params = fit.cell_threshold, fit.params
+        sc, gr = data["score"][test], groups_all[test]
+        rates = {g: float((sc[gr == g] >= t).mean()) for g in set(gr.tolist())}
+        blast_rate = rates["idb_blast"]
+        for mix_name, mix in MIXES.items():
+            for frac in FRACTIONS:
+                for n in SIZES:
+                    ks = _draw_counts(rng, mix, rates, frac, n, blast_rate, reps)
+                    for c in _calls(ks, n, params):
+                        grid[(mix_name, frac, n)][c] += 1
+        if P is not None:  # the old rule on sampled cells (their embeddings), benign and 20 % blasts
+            model = P.model(k)
+            emb, blank = data["emb"][test].astype(np.float32), data["blank"][k]
+            pools = {g: np.flatnonzero(gr == g) for g in set(gr.tolist())}
+            for mix_name in ("typical", "lymph-rich", "idb-normal"):
+                mix = MIXES[mix_name]
+                for frac in (0.0, 0.20):
+                    for n in SIZES:
+                        for _ in range(legacy_reps):
+                            nb = int(round(frac * n))
+                            comp = rng.multinomial(n - nb, np.array(list(mix.values())) / sum(mix.values()))
+                            idx = [rng.choice(pools["idb_blast"], nb)] + [rng.choice(pools[g], m) for g, m in zip(mix, comp)]
+                            legacy[(mix_name, frac, n)].append(int(_legacy_p(model, emb[np.concatenate(idx)], blank) >= 0.5))
+        field_ids = data["field"][test]
+        for label, group in FIELD_SOURCES.items():
+            sel = gr == group
+            by_field: dict[str, np.ndarray] = defaultdict(list)
+            for f, s in zip(field_ids[sel], sc[sel]):
+                by_field[f].append(s >= t)
+            names = sorted(by_field)
+            if group == "idb_normal":  # healthy fields only: normal cells of ALL fields sit next to blasts
+                names = [f for f in names if f.endswith("_0")]
+            for nf in FIELD_COUNTS:
+                for _ in range(reps):
+                    pick = rng.choice(len(names), nf, replace=nf > len(names))
+                    flags = np.concatenate([np.asarray(by_field[names[i]], bool) for i in pick])
+                    if len(flags) == 0:
+                        fields[(label, nf)]["no cells"] += 1
+                        continue
+                    fields[(label, nf)][decide(int(flags.sum()), len(flags), params).call] += 1
+    return {"grid": grid, "legacy": legacy, "fields": fields, "fits": fits, "reps": reps, "legacy_reps": legacy_reps}
+
+
+def _pct(d: dict[str, int], key: str) -> float:
+    tot = sum(d.values())
+    return 100.0 * d.get(key, 0) / tot if tot else float("nan")
+
+
+def targets(res: dict) -> list[tuple[str, bool, str]]:
+    g = res["grid"]
+    out = []
+    benign = [(m, n, _pct(g[(m, 0.0, n)], "ALL")) for m in MIXES for n in SIZES]
+    worst = max(benign, key=lambda x: x[2])
+    rising = [m for m in MIXES if any(_pct(g[(m, 0.0, b)], "ALL") > _pct(g[(m, 0.0, a)], "ALL") + 0.5
+                                      for a, b in zip(SIZES, SIZES[1:]))]
+    out.append(("benign mixes called ALL <= 1 % at every size", worst[2] <= 1.0, f"worst {worst[2]:.2f} % ({worst[0]}, {worst[1]} cells)"))
+    out.append(("benign ALL rate never rising with size (by > 0.5 point)", not rising, "rising in: " + (", ".join(rising) or "none")))
+    hi = [(m, f, n, _pct(g[(m, f, n)], "ALL")) for m in MIXES for f in FRACTIONS if f >= 0.2 for n in SIZES if n >= 50]
+    low = min(hi, key=lambda x: x[3])
+    out.append((">= 20 % blasts called ALL >= 97 % at >= 50 cells", low[3] >= 97.0,
+                f"lowest {low[3]:.1f} % ({low[0]}, {100 * low[1]:.0f} % blasts, {low[2]} cells)"))
+    mid = [(m, f, n, _pct(g[(m, f, n)], "normal")) for m in MIXES for f in FRACTIONS if 0.02 <= f <= 0.10 for n in SIZES if n >= 100]
+    worst_mid = max(mid, key=lambda x: x[3])
+    out.append(("2-10 % blasts never called normal at >= 100 cells", worst_mid[3] == 0.0,
+                f"highest {worst_mid[3]:.1f} % normal ({worst_mid[0]}, {100 * worst_mid[1]:.0f} % blasts, {worst_mid[2]} cells)"))
+    fw = max(((lab, nf, _pct(d, "ALL")) for (lab, nf), d in res["fields"].items()), key=lambda x: x[2])
+    out.append(("benign field groups of 1, 5, 20 fields called ALL <= 1 %", fw[2] <= 1.0, f"worst {fw[2]:.2f} % ({fw[0]}, {fw[1]} fields)"))
+    return out
+
+
+def markdown(res: dict, command: str) -> str:
+    g, lines = res["grid"], []
+    lines += ["## Protocol 4: composition and scale", "",
+              f"Command: `{command}` ({res['reps']} synthetic patients per fold and grid cell, 5 folds; each fold's rule "
+              "fitted on the other folds' held-out cells). Each cell: % called ALL / review / normal.", ""]
+    lines += ["Per-fold rule (fitted without the fold):", ""] + [f"- fold {k}: {describe(f)}" for k, f in enumerate(res["fits"])] + [""]
+    lines += ["| targets | met | measured |", "|---|---|---|"]
+    lines += [f"| {name} | {'yes' if ok else '**no**'} | {txt} |" for name, ok, txt in targets(res)] + [""]
+    for mix in MIXES:
+        lines += [f"### Background `{mix}`", "", "| blasts | " + " | ".join(f"{n} cells" for n in SIZES) + " |",
+                  "|---|" + "---|" * len(SIZES)]
+        for f in FRACTIONS:
+            cells = [f"{_pct(g[(mix, f, n)], 'ALL'):.1f} / {_pct(g[(mix, f, n)], 'review'):.1f} / {_pct(g[(mix, f, n)], 'normal'):.1f}"
+                     for n in SIZES]
+            lines.append(f"| {100 * f:g} % | " + " | ".join(cells) + " |")
+        lines.append("")
+    if res["legacy"]:
+        lines += ["### The old rule (LSTM over bags of 15, max over bags, raw 0.5) on the same kind of patients", "",
+                  f"% called ALL ({res['legacy_reps']} patients per fold and cell; new rule's ALL % after the slash).", "",
+                  "| background, blasts | " + " | ".join(f"{n} cells" for n in SIZES) + " |", "|---|" + "---|" * len(SIZES)]
+        for mix in ("typical", "lymph-rich", "idb-normal"):
+            for f in (0.0, 0.20):
+                row = [f"{100 * np.mean(res['legacy'][(mix, f, n)]):.1f} / {_pct(g[(mix, f, n)], 'ALL'):.1f}" for n in SIZES]
+                lines.append(f"| {mix}, {100 * f:g} % | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["### Field-level growth (healthy fields grouped into patients)", "",
+              "| fields | patients of 1 field | of 5 | of 20 |", "|---|---|---|---|"]
+    for lab in FIELD_SOURCES:
+        row = [f"{_pct(res['fields'][(lab, nf)], 'ALL'):.1f} / {_pct(res['fields'][(lab, nf)], 'review'):.1f} / "
+               f"{_pct(res['fields'][(lab, nf)], 'normal'):.1f}" for nf in FIELD_COUNTS]
+        lines.append(f"| {lab} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m allmil_cli.train.protocol4", description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=REPS)
+    ap.add_argument("--legacy-reps", type=int, default=LEGACY_REPS, help="0 skips the old rule (no torch needed)")
+    ap.add_argument("--recipe", default="v2pbc")
+    ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/protocol4_results.md as it is")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    res = run(a.reps, a.legacy_reps, a.recipe)
+    cmd = "python -m allmil_cli.train.protocol4" + (f" --reps {a.reps}" if a.reps != REPS else "") + (
+        f" --legacy-reps {a.legacy_reps}" if a.legacy_reps != LEGACY_REPS else "")
+    text = markdown(res, cmd)
+    print(text)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "targets.json").write_text(json.dumps([list(t) for t in targets(res)], indent=1))
+    if not a.no_doc:
+        DOC.write_text("# Protocol 4 results\n\nWritten by `python -m allmil_cli.train.protocol4`; see its docstring.\n\n" + text)
+    print(f"({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
