@@ -21,6 +21,7 @@ from typing import Annotated
 import typer
 
 from allmil_cli import __version__
+from allmil_cli.cli_calibrate import calibrate
 from allmil_cli.cli_cells import detect, embed
 from allmil_cli.cli_diagnose import diagnose, merge
 from allmil_cli.cli_options import EPILOG_CODES
@@ -60,6 +61,7 @@ def main(
 # The commands, in the order ``allmil --help`` lists them.
 app.command(epilog=EPILOG_CODES)(diagnose)
 app.command("stress-test", epilog=EPILOG_CODES)(stress_test)
+app.command(epilog=EPILOG_CODES)(calibrate)
 app.command(epilog=EPILOG_CODES)(detect)
 app.command(epilog=EPILOG_CODES)(embed)
 app.command(epilog=EPILOG_CODES)(merge)

@@ -13,14 +13,34 @@ from rich.table import Table
 
 from allmil_cli.cli_options import (CellSize, DeviceOpt, InputDir, MaxPixels, PerImage, Quiet, Threads, Weights,
     Workers)
-from allmil_cli.cli_support import (EXIT_USAGE, Device, _check_output, _fail, _models_for_run, _patients, _progress,
-    _run_guard, _warm_workers, _workers, err)
+from allmil_cli.cli_outputs import check_outputs, fails_cleanly
+from allmil_cli.cli_support import (EXIT_USAGE, Device, _fail, _models_for_run, _patients, _progress, _run_guard,
+    _warm_workers, _workers, err)
+
+SiteOpt = Annotated[Optional[Path], typer.Option("--site", help="Site profile made by 'allmil calibrate' (YAML): this lab's patient rule (docs/validating.md).")]
+
+
+def site_profile(site: Optional[Path], weights: Optional[Path], precision: str):
+    """The checked site profile for a run with these weights (None without --site); exit 2 when it does not fit."""
+    if site is None:
+        return None
+    from allmil_cli import __version__
+    from allmil_cli.models import default_weights_dir, model_files, sha256_of
+    from allmil_cli.site import SiteError, load_profile
+
+    wdir = Path(weights) if weights else default_weights_dir()
+    digests = {name: sha256_of(wdir / name) for name in model_files(precision).values() if (wdir / name).is_file()}
+    try:
+        return load_profile(site, digests, __version__)
+    except SiteError as exc:
+        _fail(str(exc), EXIT_USAGE)
 
 
 def _pct(r) -> str:
     return "not measured" if r is None else f"{100 * r.value:.0f} % (95 % CI {100 * r.lo:.0f}-{100 * r.hi:.0f} %; {r.k}/{r.n})"
 
 
+@fails_cleanly
 def calibrate(
     input_dir: InputDir,
     labels: Annotated[Path, typer.Option("--labels", help="CSV 'patient,label' (ALL/normal or 1/0); normal patients only is fine. At least 10 normal patients.")],
@@ -52,7 +72,7 @@ def calibrate(
     from allmil_cli.report import write_report
     from allmil_cli.site import profile_text
 
-    _check_output(out, "--out")
+    check_outputs({"--out": out})
     try:
         truth = read_labels(labels, strict=True)
     except LabelsError as exc:

@@ -12,6 +12,7 @@ import typer
 
 from allmil_cli.cli_options import (CellSize, CropsDir, DecodeWorkers, DetThreshold, DeviceOpt, HtmlOut, InputDir,
     MaxPixels, MinCellsNormal, PerImage, PrecisionOpt, Quiet, Threads, Weights, Workers)
+from allmil_cli.cli_calibrate import SiteOpt, site_profile
 from allmil_cli.cli_outputs import check_outputs, fails_cleanly
 from allmil_cli.cli_support import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Device, Precision, _fail, _journal_path, _labels, _meta,
     _print_summary, _review_collector, _run_cohort, _warm_workers, _write_review, err)
@@ -35,6 +36,7 @@ def diagnose(
     cell_size: CellSize = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="p_all threshold of the LSTM-only metrics that --labels adds (the call itself is the blast-percentage rule) \\[default: the model's].")] = None,
     cell_threshold: Annotated[Optional[float], typer.Option("--cell-threshold", min=0.0, max=1.01, help="Blast score at or above which a cell counts as blast-like \\[default: the model's].")] = None,
+    site: SiteOpt = None,
     min_cells: Annotated[int, typer.Option("--min-cells", min=1, help="Patients with fewer white cells are 'insufficient'.")] = 1,
     min_cells_normal: MinCellsNormal = 4,
     html: HtmlOut = None,
@@ -66,6 +68,8 @@ def diagnose(
     """
     if str(out) == "-" and json_out == "-":
         _fail("--out - and --json - both ask for stdout; send one of them to a file.", EXIT_USAGE)
+    if site is not None and cell_threshold is not None:
+        _fail("--site and --cell-threshold both set the cell threshold; the profile's is part of its rule: drop one.", EXIT_USAGE)
     journal = journal or _journal_path(out, json_out, resume)
     check_outputs({"--out": out, "--json": json_out, "--html": html}, {"--crops-dir": crops_dir}, journal=journal)
     _warm_workers(input_dir, workers, device, engine.value)
@@ -76,6 +80,9 @@ def diagnose(
     options = Options(cell_size=cell_size, threshold=threshold, cell_threshold=cell_threshold, min_cells=min_cells,
                       min_cells_normal=min_cells_normal, detect_threshold=detect_threshold, max_pixels=max_pixels,
                       decode_workers=decode_workers, precision=precision.value)
+    profile = site_profile(site, weights, precision.value)
+    if profile is not None:  # the lab's rule; its sha256 goes into the options, so the journal and merge check it
+        options = replace(options, rule=profile.rule, cell_threshold=profile.cell_threshold, site=profile.sha256)
     from allmil_cli.engine import EngineConfig
 
     cfg = EngineConfig(engine=engine.value, workers=workers, gpus_per_worker=gpus_per_worker, ray_address=ray_address,
@@ -86,6 +93,8 @@ def diagnose(
     metrics = metrics_for(results, truth, pipeline.threshold) if truth else None
     write_report(out, csv_text(results, truth))
     meta = _meta(models, replace(options, threshold=pipeline.threshold), "diagnose")
+    if profile is not None:
+        meta["site_profile"] = profile.meta()
     if json_out:
         write_report(json_out, report_json(results, meta, metrics))
     if review is not None:

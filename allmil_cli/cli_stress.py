@@ -3,6 +3,7 @@ and a review page. Parse, call the library (:mod:`allmil_cli.stress`), print; re
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from allmil_cli.cli_options import (CellSize, DecodeWorkers, DeviceOpt, HtmlOut, InputDir, MaxPixels, PerImage, Quiet,
+from allmil_cli.cli_calibrate import SiteOpt, site_profile
+from allmil_cli.cli_options import (MinCellsNormal, CellSize, DecodeWorkers, DeviceOpt, HtmlOut, InputDir, MaxPixels, PerImage, Quiet,
     PrecisionOpt, Threads, Weights, Workers)
 from allmil_cli.cli_outputs import check_outputs, fails_cleanly
 from allmil_cli.cli_support import (EXIT_OK, EXIT_USAGE, Device, Precision, _fail, _labels, _meta, _models_for_run, _patients, _progress, _review_collector, _run_guard, _warm_workers, _workers, _write_review)
@@ -40,6 +42,8 @@ def stress_test(
     max_pixels: MaxPixels = 80_000_000,
     decode_workers: DecodeWorkers = 1,
     workers: Workers = None,
+    site: SiteOpt = None,
+    min_cells_normal: MinCellsNormal = 4,
     quiet: Quiet = False,
 ) -> None:
     """The paper's stress test: recall on ALL patients after removing blast cells, or normal cells.
@@ -66,7 +70,10 @@ def stress_test(
     if not any(v == 1 for v in truth_labels.values()):
         _fail("no ALL patient among the labels: recall is undefined; pass --labels with at least one ALL patient.", EXIT_USAGE)
     options = Options(cell_size=cell_size, max_pixels=max_pixels, truth_dir=truth, decode_workers=decode_workers,
-                      workers=_workers(workers), precision=precision.value)
+                      workers=_workers(workers), precision=precision.value, min_cells_normal=min_cells_normal)
+    profile = site_profile(site, weights, precision.value)
+    if profile is not None:
+        options = replace(options, rule=profile.rule, cell_threshold=profile.cell_threshold, site=profile.sha256)
     models = _models_for_run(weights, device, threads, options, patients, quiet)
     review, by_condition = _review_collector(html, None), []
     with _run_guard(), _progress(len(patients) * len(conditions), quiet, "stress-test") as tick:
@@ -79,10 +86,10 @@ def stress_test(
         rows = run_stress_test(models, patients, truth_labels, conditions, options, on_done=done,
                                on_field=review.on_field if review else None)
     table = Table(title="stress test (recall on ALL patients)", title_justify="left")
-    for col in ("removed", "recall", "ALL called", "ALL patients", "specificity", "cells kept"):
+    for col in ("removed", "recall (ALL)", "recall (ALL or review)", "ALL called", "ALL patients", "specificity", "cells kept"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["removed"], f"{r['recall']:.4f}", str(r["tp"]), str(r["n_all"]),
+        table.add_row(r["removed"], f"{r['recall']:.4f}", f"{r['recall_screen']:.4f}", str(r["tp"]), str(r["n_all"]),
                       "" if r["specificity"] != r["specificity"] else f"{r['specificity']:.4f}", str(r["cells_kept"]))
     Console().print(table)
     if out:
@@ -92,5 +99,7 @@ def stress_test(
         from allmil_cli.review import run_versions
 
         meta = {**_meta(models, options, "stress-test"), **run_versions(models), "input": str(input_dir)}
+        if profile is not None:
+            meta["site_profile"] = profile.meta()
         _write_review(review, html, first, meta, quiet, stress_rows=rows, stress_calls=calls)
     raise typer.Exit(EXIT_OK)

@@ -15,14 +15,15 @@ Calls:
   p < ``alpha``) **and** the blast-like percentage is at least ``all_rate``;
 * ``review``: the rate exceeds ``background`` (same test) but the percentage is below ``all_rate``: blast-like cells
   beyond what normal blood shows but short of the ALL criterion (a haematologist and flow cytometry decide);
-* ``normal``: no excess over ``background`` and the upper end of the 95 % interval is at most ``all_rate``: enough
-  cells to exclude the ALL level (with none blast-like, 16 cells; ruling out needs more cells than ruling in);
-* ``review`` otherwise: too few cells to exclude the ALL level.
+* ``normal``: the upper end of the 95 % interval is at most ``background``: the count is what normal blood shows, with
+  enough cells to exclude a small blast population (with none blast-like and a 2.2 % background, 170 cells: ruling
+  out needs far more cells than ruling in, as a manual 200-cell differential does);
+* ``review`` otherwise: too few cells to exclude a small blast population.
 
 Why it is consistent: for a fixed mix of cells the blast-like fraction converges to its rate ``r`` as cells are
 added. A benign mix (``r <= background < all_rate``) can then only drift away from ``ALL`` (the point estimate
 settles below ``all_rate`` and the test rejects ever more rarely when ``r < background``) and toward ``normal``
-(the interval narrows below ``all_rate``); a mix at the ALL criterion (``r > all_rate``) converges to ``ALL``; a mix in
+(the interval narrows below ``background`` when ``r`` is below it); a mix at the ALL criterion (``r > all_rate``) converges to ``ALL``; a mix in
 between converges to ``review``. The old rule (any bag holding one blast-like cell is ALL, bags combined by ``max``)
 did the opposite: the more cells, the surer of ALL.
 
@@ -70,8 +71,9 @@ class RuleParams:
                       if f"allmil.rule.{k}" in meta})
 
 
-#: For aggregators without ``allmil.rule.*`` metadata (weights trained before the rule, or by hand). Provisional.
-FALLBACK_RULE = RuleParams(background=0.10, all_rate=0.20)
+#: For aggregators without ``allmil.rule.*`` metadata (weights trained before the rule, or by hand): the shipped
+#: rule's numbers (weights/MODEL_CARD.md, *Patient rule*). Fit your own with ``python -m allmil_cli.train.rule``.
+FALLBACK_RULE = RuleParams(background=0.0182, all_rate=0.10)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,20 @@ def excess_pvalue(k: int, n: int, background: float) -> float:
     return float(bdtrc(k - 1, n, background))
 
 
+def cells_to_rule_out(k: int, params: RuleParams, limit: int = 100_000) -> int | None:
+    """The fewest cells n >= k at which k blast-like cells are a normal call (None when no n up to ``limit`` is)."""
+    lo, hi = max(k, 1), limit
+    if wilson_interval(k, hi, params.confidence)[1] > params.background:
+        return None
+    while lo < hi:  # the upper bound falls as n grows for a fixed k
+        mid = (lo + hi) // 2
+        if wilson_interval(k, mid, params.confidence)[1] <= params.background:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}" if 100 * x >= 10 or x == 0 else f"{100 * x:.1f}"
 
@@ -134,15 +150,17 @@ def decide(n_blast_like: int, n_cells: int, params: RuleParams) -> Decision:
         call = "review"
         why = (f"{ci}: more blast-like cells than normal blood shows ({_pct(params.background)} %) but below the ALL level "
                f"{_pct(params.all_rate)} %; review the cells, consider flow cytometry")
-    elif hi <= params.all_rate:
+    elif hi <= params.background:
         call = "normal"
-        why = (f"{ci}: not more than normal blood shows ({_pct(params.background)} %) beyond chance, and the ALL level "
-               f"{_pct(params.all_rate)} % is excluded")
+        why = (f"{ci}: within what normal blood shows (up to {_pct(params.background)} %): the upper end of the interval "
+               "excludes a blast population")
     elif rate >= params.all_rate:
         call = "review"
         why = (f"{ci}: at the ALL level {_pct(params.all_rate)} % but too few cells to tell from normal blood "
                f"({_pct(params.background)} %); add fields of this patient")
     else:
         call = "review"
-        why = f"{ci}: too few cells to exclude the ALL level {_pct(params.all_rate)} %; add fields of this patient"
+        need = cells_to_rule_out(k, params)
+        why = (f"{ci}: too few cells to exclude a small blast population (normal blood: up to {_pct(params.background)} %)"
+               + (f"; about {need} cells with this share would rule it out" if need else "") + "; add fields of this patient")
     return Decision(call=call, blast_pct=100 * rate, blast_pct_lo=100 * lo, blast_pct_hi=100 * hi, p_excess=p, reason=why)

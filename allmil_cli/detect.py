@@ -26,10 +26,30 @@ _DEFAULTS = {"stride": 4.0, "canonical_rbc_px": 20.0, "threshold": 0.3}
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """How heatmap peaks become cells (distances in red-cell diameters at the detector's scale).
+
+    A peak closer than ``min_dist_rbc`` to a stronger kept peak is that cell. A peak up to ``merge_dist_rbc`` away
+    is that cell too when the heatmap never falls below ``valley`` x its own score on the straight line between
+    the two: one cell seen as two maxima on a ridge (a lobed nucleus, a large cell), not two cells with a valley
+    between them. ``merge_dist_rbc = 0`` switches the valley test off."""
+
+    min_dist_rbc: float = MIN_PEAK_DIST_RBC
+    merge_dist_rbc: float = 0.0
+    valley: float = 1.0
+
+
+#: The shipped decoding.
+DECODING = Decoding()
+
+
+@dataclass(frozen=True)
 class Detection:
     x: float  # cell centre, full-resolution pixels of the input field
     y: float
     score: float  # 0..1
+    #: scores of the weaker heatmap peaks taken as this same cell (see :class:`Decoding`), strongest first
+    merged_scores: tuple[float, ...] = ()
 
 
 def model_meta(session) -> dict[str, float]:
@@ -68,13 +88,16 @@ def prepare_input(rgb: np.ndarray, rbc_px: float, canonical_rbc_px: float, multi
     return x, nw / w, nh / h
 
 
-def decode_heatmap(heat: np.ndarray, threshold: float, min_dist: float) -> np.ndarray:
+def decode_heatmap(heat: np.ndarray, threshold: float, min_dist: float, merge_dist: float = 0.0, valley: float = 1.0,
+                  return_merged: bool = False):
     """Peaks of a 2-D heatmap: (K, 3) rows of (x, y, score) in heatmap cells, strongest first.
 
     A peak is a cell >= threshold that equals the max of its 3x3 neighbourhood (CenterNet's max-pool
     NMS); its position is refined to the score-weighted centroid of that 3x3 neighbourhood, and
-    ``x, y`` are cell *centres* (cell j covers [j, j+1), so its centre is j + 0.5). Peaks closer than
-    ``min_dist`` cells to a stronger kept peak are then dropped (greedy).
+    ``x, y`` are cell *centres* (cell j covers [j, j+1), so its centre is j + 0.5). Greedy, strongest first: a
+    peak closer than ``min_dist`` cells to a kept peak is merged into the nearest such; one closer than
+    ``merge_dist`` is merged into the nearest kept peak it reaches without the heatmap dipping below ``valley`` x its
+    own score (:class:`Decoding`). ``return_merged``: also the scores merged into each kept peak (a list of lists).
     """
     heat = np.asarray(heat, dtype=np.float32)
     h, w = heat.shape
@@ -85,7 +108,8 @@ def decode_heatmap(heat: np.ndarray, threshold: float, min_dist: float) -> np.nd
             np.maximum(mx, padded[dy : dy + h, dx : dx + w], out=mx)
     ys, xs = np.nonzero((heat >= mx) & (heat >= threshold))
     if len(ys) == 0:
-        return np.zeros((0, 3), dtype=np.float32)
+        empty = np.zeros((0, 3), dtype=np.float32)
+        return (empty, []) if return_merged else empty
     scores = heat[ys, xs]
     order = np.argsort(-scores, kind="stable")
     ys, xs, scores = ys[order], xs[order], scores[order]
@@ -100,12 +124,43 @@ def decode_heatmap(heat: np.ndarray, threshold: float, min_dist: float) -> np.nd
     fx = xs + 0.5 + (win * ddx).sum(axis=1) / tot
     fy = ys + 0.5 + (win * ddy).sum(axis=1) / tot
     keep: list[int] = []
+    merged: list[list[float]] = []
     md2 = float(min_dist) ** 2
+    reach2 = max(float(merge_dist), float(min_dist)) ** 2
     for i in range(len(fx)):
-        if all((fx[i] - fx[j]) ** 2 + (fy[i] - fy[j]) ** 2 >= md2 for j in keep):
+        into = -1
+        if keep:
+            k = np.asarray(keep)
+            d2 = (fx[k] - fx[i]) ** 2 + (fy[k] - fy[i]) ** 2
+            near = np.nonzero(d2 < reach2)[0]
+            for n in near[np.argsort(d2[near], kind="stable")]:
+                j = int(k[n])
+                if d2[n] < md2 or _ridge(heat, fx[j], fy[j], fx[i], fy[i]) >= valley * scores[i]:
+                    into = int(n)
+                    break
+        if into < 0:
             keep.append(i)
-    k = np.asarray(keep, dtype=np.int64)
-    return np.stack([fx[k], fy[k], scores[k]], axis=1).astype(np.float32)
+            merged.append([])
+        else:
+            merged[into].append(float(scores[i]))
+    kk = np.asarray(keep, dtype=np.int64)
+    peaks = np.stack([fx[kk], fy[kk], scores[kk]], axis=1).astype(np.float32)
+    return (peaks, merged) if return_merged else peaks
+
+
+def _ridge(heat: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> float:
+    """Lowest heatmap value (bilinear) on the segment between two peaks (cell-centre coordinates)."""
+    n = max(2, int(np.ceil(2.0 * np.hypot(x1 - x0, y1 - y0)))) + 1
+    t = np.linspace(0.0, 1.0, n)
+    px = np.clip(x0 + (x1 - x0) * t - 0.5, 0.0, heat.shape[1] - 1.0)
+    py = np.clip(y0 + (y1 - y0) * t - 0.5, 0.0, heat.shape[0] - 1.0)
+    ix, iy = np.minimum(px.astype(np.int64), heat.shape[1] - 2), np.minimum(py.astype(np.int64), heat.shape[0] - 2)
+    if heat.shape[0] < 2 or heat.shape[1] < 2:
+        return float(heat[np.clip(py.round().astype(int), 0, heat.shape[0] - 1), np.clip(px.round().astype(int), 0, heat.shape[1] - 1)].min())
+    ax, ay = px - ix, py - iy
+    v = (heat[iy, ix] * (1 - ax) * (1 - ay) + heat[iy, ix + 1] * ax * (1 - ay)
+         + heat[iy + 1, ix] * (1 - ax) * ay + heat[iy + 1, ix + 1] * ax * ay)
+    return float(v.min())
 
 
 def detect_cells(
@@ -128,18 +183,24 @@ def detect_cells(
 
 
 def heatmap_detections(heat: np.ndarray, meta: dict[str, float], threshold: float | None, w: int, h: int,
-                       sx: float, sy: float) -> list[Detection]:
+                       sx: float, sy: float, decoding: Decoding | None = None) -> list[Detection]:
     """The detector's heatmap (``[H/stride, W/stride]``) -> cells in full-resolution pixels of a ``w`` x ``h`` field
-    (``sx``, ``sy``: model-input pixels per field pixel, from :func:`prepare_input`)."""
+    (``sx``, ``sy``: model-input pixels per field pixel, from :func:`prepare_input`; ``decoding``: :data:`DECODING`
+    unless given). Every peak above the threshold is accounted for: kept, or merged into a kept cell
+    (``Detection.merged_scores``)."""
+    dec = DECODING if decoding is None else decoding
     thr = meta["threshold"] if threshold is None else float(threshold)
     stride, canon = meta["stride"], meta["canonical_rbc_px"]
-    peaks = decode_heatmap(heat, thr, MIN_PEAK_DIST_RBC * canon / stride)
+    cells = canon / stride  # heatmap cells per red-cell diameter
+    peaks, merged = decode_heatmap(heat, thr, dec.min_dist_rbc * cells, dec.merge_dist_rbc * cells, dec.valley,
+                                   return_merged=True)
     out = []
-    for px, py, s in peaks:
+    for (px, py, s), m in zip(peaks, merged):
         fx = float(px) * stride / sx
         fy = float(py) * stride / sy
         if fx < w and fy < h:  # drop peaks in the padding
-            out.append(Detection(x=min(max(fx, 0.0), w - 1.0), y=min(max(fy, 0.0), h - 1.0), score=float(s)))
+            out.append(Detection(x=min(max(fx, 0.0), w - 1.0), y=min(max(fy, 0.0), h - 1.0), score=float(s),
+                                 merged_scores=tuple(m)))
     return out
 
 

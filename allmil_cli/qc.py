@@ -7,6 +7,7 @@ thumbnail); a patient carries every flag any of its fields raised, plus its own:
 | flag | raised when | evidence in the JSON (``qc_details``) |
 |---|---|---|
 | ``magnification`` | red cells narrower than ``RBC_PX_RANGE[0]`` or wider than ``RBC_PX_RANGE[1]`` pixels (outside the magnifications tested: ALL-IDB1 shrunk to 13 px red cells ... BCCD's up to 252 px) | ``rbc_px`` per field |
+| ``resolution`` | red cells narrower than ``MIN_RBC_PX`` pixels: too small to judge (held-out blast detection falls below 90 % there, docs/ruler.md) | ``rbc_px`` per field |
 | ``ruler`` | no red cells could be measured (blank, saturated or non-smear image): a default size was used | the field names |
 | ``stain`` | the stain normalisation had to clamp its density gain (``normalize.MAX_GAIN``): colours far outside the training range, or no background / red-cell colours found | ``stain_gain`` per field |
 | ``blur`` | fine-detail ratio (``FieldStats.sharpness``) below ``MIN_SHARPNESS`` | ``sharpness`` per field |
@@ -31,8 +32,11 @@ from allmil_cli.normalize import MAX_GAIN, REFERENCE_BACKGROUND, REFERENCE_RBC, 
 from allmil_cli.scale import FieldStats
 
 RBC_PX_RANGE = (12.0, 260.0)
+#: Red cells narrower than this (ruler reading, px) are too small to judge: the share of held-out ALL-IDB1 blasts the
+#: fold detectors find falls below 90 % there (``python -m allmil_cli.train.counting floor``, docs/ruler.md).
+MIN_RBC_PX = 14.0
 MIN_SHARPNESS = 1.70
-FLAGS = ("magnification", "ruler", "stain", "blur", "few_cells")
+FLAGS = ("magnification", "resolution", "ruler", "stain", "blur", "few_cells")
 
 
 @dataclass
@@ -55,6 +59,8 @@ def field_flags(stats: FieldStats, reference: tuple[Sequence[float], Sequence[fl
         flags.append("ruler")
     if not (RBC_PX_RANGE[0] <= stats.rbc_px <= RBC_PX_RANGE[1]):
         flags.append("magnification")
+    if stats.rbc_px < MIN_RBC_PX:
+        flags.append("resolution")
     if stats.measured:
         smap = stain_map(stats, bg, rbc)
         info["stain_gain"] = round(smap.gain, 3) if math.isfinite(smap.gain) else None
@@ -82,7 +88,7 @@ def patient_qc(fields: Sequence[tuple[str, FieldStats]], n_cells: int, min_cells
         raised.add("few_cells")
     out.flags = [f for f in FLAGS if f in raised]
     out.details = {"fields": per_field, "n_cells": n_cells, "limits": {
-        "rbc_px": list(RBC_PX_RANGE), "min_sharpness": MIN_SHARPNESS, "max_stain_gain": MAX_GAIN, "min_cells_normal": min_cells_normal}}
+        "rbc_px": list(RBC_PX_RANGE), "min_rbc_px": MIN_RBC_PX, "min_sharpness": MIN_SHARPNESS, "max_stain_gain": MAX_GAIN, "min_cells_normal": min_cells_normal}}
     for flag in out.flags:
         if flag == "few_cells":
             continue
@@ -99,6 +105,8 @@ def describe(qc: QCResult) -> str:
         where = f" in {n} field(s)" if n else ""
         parts.append({
             "magnification": f"magnification outside the tested range{where} (red cells {RBC_PX_RANGE[0]:.0f}-{RBC_PX_RANGE[1]:.0f} px; set --cell-size if the ruler is wrong)",
+            "resolution": f"red cells too small to judge{where} (narrower than {MIN_RBC_PX:.0f} px: blasts are missed; "
+                          "image the smear at a higher magnification)",
             "ruler": f"no red cells measurable{where} (default size used)",
             "stain": f"stain colours outside the validated range{where}",
             "blur": f"blurred{where}",

@@ -54,6 +54,7 @@ class Options:
     # detector and embedder: "fp32", or their "int8" copies (models.INT8_FILES). A Pipeline sets it to what its
     # models are, so worker processes load the same and reports say which ran.
     precision: str = "fp32"
+    site: str | None = None  # sha256 of the site profile (allmil_cli.site) whose rule this run uses; None = the model's
 
 
 @dataclass

@@ -138,25 +138,112 @@ def anchor_colours(thumb: np.ndarray) -> dict:
 
 def measure_field(rgb: np.ndarray, rbc_px: float | None = None, shrinker: Shrinker | None = None) -> FieldStats:
     """Ruler, anchor colours and sharpness of an RGB uint8 field (``rbc_px`` given: the ruler is not estimated;
-    ``shrinker``: the field's shared downscales, see :func:`thumbnail`)."""
-    return measure_thumbnail(*thumbnail(rgb, shrinker), rbc_px=rbc_px)
+    ``shrinker``: the field's shared downscales, see :func:`thumbnail`). Red cells narrower than ``FINE_THUMB_PX`` on
+    the thumbnail are measured again on a finer one (:func:`finer_estimate`)."""
+    shrinker = shrinker if shrinker is not None or max(rgb.shape[:2]) <= _THUMB_SIDE else Shrinker(rgb)
+    a, factor = thumbnail(rgb, shrinker)
+    size = None
+    if rbc_px is None:
+        size = finer_estimate(rgb, _estimate(a, factor), factor, shrinker)
+    return measure_thumbnail(a, factor, rbc_px=rbc_px, estimate=size)
 
 
-def measure_thumbnail(a: np.ndarray, factor: float, rbc_px: float | None = None) -> FieldStats:
+def measure_thumbnail(a: np.ndarray, factor: float, rbc_px: float | None = None, estimate: float | None = None) -> FieldStats:
     """:func:`measure_field` on a ready thumbnail (float32 RGB, long side 512; ``factor``: field px per thumbnail px),
-    e.g. one resized on a GPU (:mod:`allmil_cli.gpu`)."""
-    size = _estimate(a, factor) if rbc_px is None else float(rbc_px)
+    e.g. one resized on a GPU (:mod:`allmil_cli.gpu`; no finer second look there). ``estimate``: the ruler's reading
+    when already taken."""
+    size = float(rbc_px) if rbc_px is not None else (estimate if estimate is not None else _estimate(a, factor))
     measured = size is not None
     size = DEFAULT_RBC_PX if size is None else size
     colours = anchor_colours(a)
     return FieldStats(size, sharpness=_sharpness(a, size / factor), measured=measured and bool(colours), **colours)
 
 
+#: Low end of the ruler (``docs/ruler.md``). Below ~30 px the redness (R - G) of red cells is carried by the JPEG
+#: chroma alone, stored at half resolution and quantised hardest: at 10-20 px red cells and JPEG quality 70 the
+#: redness mask of a pale field melts into one blob (or vanishes) and the ruler read up to 22x the size (ALL-IDB1);
+#: on a field crowded with blasts, Otsu's redness threshold can fall between the purple nuclei and the red cells, and
+#: the ruler then measures the white cells. Luminance keeps full resolution and, nuclear stain left out, shows the red
+#: cells alone. So when a field may hold small cells (no larger than the thumbnail, or a redness reading below
+#: ``LOWRES_RBC_PX``, above ``SUSPECT_SIDE`` x the field's short side, or absent) the red cells are measured on
+#: luminance too (``_luma_mask``, in ruler units: x ``LUMA_RULER_SCALE``). Where that reads below ``LOWRES_RBC_PX``
+#: and the redness reads more than ``REDNESS_MAX`` x it (or nothing), the luminance reading is the ruler. Never
+#: triggered on a full-resolution ALL-IDB1, BCCD or PBC field (luminance readings >= 50 px): the models' calibration
+#: is untouched.
+LOWRES_RBC_PX = 40.0
+SUSPECT_SIDE = 0.2
+REDNESS_MAX = 1.25
+#: The luminance reading is first taken on every step-th pixel of the thumbnail (red cells of ``COARSE_MARGIN`` x
+#: ``LOWRES_RBC_PX`` field px still ``COARSE_CELL_PX`` wide there; ~1/25 of the cost on a BCCD or PBC field); a field
+#: whose red cells read at least ``COARSE_MARGIN`` x ``LOWRES_RBC_PX`` there is left to the redness reading.
+COARSE_MARGIN = 1.25
+COARSE_CELL_PX = 8.0
+#: Luminance reading -> ruler units: design fields (BCCD train+val, PBC design half) resized to 10-20 px red cells
+#: (their camera's median ruler reading at full resolution x the factor), no JPEG; the median known size / luminance
+#: reading was 1.18 on BCCD and 0.99 on PBC; 1.08 is their geometric mean.
+LUMA_RULER_SCALE = 1.08
+#: A thumbnail whose red cells read narrower than this is too coarse to measure them (a wide field at a low
+#: magnification: 20 px red cells on a 2592 px field are 4 px on the 512 px thumbnail); the field is measured again on
+#: a thumbnail where they are ``FINE_THUMB_TARGET`` px (long side at most ``FINE_THUMB_MAX``). Full-resolution ALL-IDB1
+#: fields read >= 13.4 px on their thumbnail: never re-measured.
+FINE_THUMB_PX = 12.0
+FINE_THUMB_TARGET = 20.0
+FINE_THUMB_MAX = 2048
+
+
+def finer_estimate(rgb: np.ndarray, first: float | None, factor: float, shrinker: Shrinker | None = None) -> float | None:
+    """The ruler's reading ``first`` (on the thumbnail, ``factor`` field px per thumbnail px), or, when the red cells
+    came out narrower than ``FINE_THUMB_PX`` thumbnail pixels (or not at all) on a downscaled thumbnail, the reading on
+    finer ones: each at most half the previous factor (cells that small merge, so the reading itself can be too
+    large), down to the field itself or a long side of ``FINE_THUMB_MAX``."""
+    h, w = rgb.shape[:2]
+    floor = max(1.0, max(h, w) / FINE_THUMB_MAX)
+    reading = first
+    while factor > floor and (reading is None or reading / factor < FINE_THUMB_PX):
+        fine = max(floor, min(factor / 2.0, reading / FINE_THUMB_TARGET if reading is not None else factor / 2.0))
+        shrinker = shrinker if shrinker is not None else Shrinker(rgb)
+        small = shrinker.resize((max(1, round(w / fine)), max(1, round(h / fine))), THUMB_REDUCING_GAP)
+        second = _estimate(small.astype(np.float32), fine)
+        factor = fine
+        reading = second if second is not None else reading
+    return reading
+
+
 def _estimate(a: np.ndarray, factor: float) -> float | None:
     redness = np.clip((a[..., 0] - a[..., 1]) * 2.0 + 128.0, 0.0, 255.0)
     if float(redness.max() - redness.min()) < 8.0:
         return None
-    return _ruler(fill_holes(open_cross(redness > _otsu(redness))), factor)
+    red_mask = redness > _otsu(redness)
+    red = _ruler(fill_holes(open_cross(red_mask)), factor)
+    short = min(a.shape[:2]) * factor
+    if factor > 1.0 and red is not None and LOWRES_RBC_PX <= red <= SUSPECT_SIDE * short:
+        return red  # the usual field: one look
+    step = int(COARSE_MARGIN * LOWRES_RBC_PX / factor / COARSE_CELL_PX)
+    if step > 1 and min(a.shape[:2]) // step >= 32:  # a cheap first look at every step-th pixel
+        coarse_mask = _luma_mask(a[::step, ::step])
+        coarse = _ruler(fill_holes(open_cross(coarse_mask)), step * factor, RMIN_LOWRES) if coarse_mask is not None else None
+        if coarse is not None and coarse >= COARSE_MARGIN * LOWRES_RBC_PX:
+            return red  # clearly large red cells
+    luma = _luma_mask(a)
+    if luma is None:
+        return red
+    small = _ruler(fill_holes(open_cross(luma)), factor, RMIN_LOWRES)
+    if small is None or small >= LOWRES_RBC_PX:
+        return red
+    small *= LUMA_RULER_SCALE
+    return small if red is None or red > REDNESS_MAX * small else red
+
+
+def _luma_mask(a: np.ndarray) -> np.ndarray | None:
+    """Red cells on luminance: green absorption (255 - G) above its Otsu threshold, nuclear stain (blue-purple, as in
+    :func:`anchor_colours`) left out of both the threshold and the mask (dark nuclei would pull Otsu's threshold
+    between nuclei and the rest, in a field full of blasts)."""
+    g = 255.0 - a[..., 1]
+    purple = (a[..., 2] > a[..., 0]) & (a[..., 2] - a[..., 1] > 30.0)
+    rest = g[~purple]
+    if rest.size < 64 or float(rest.max() - rest.min()) < 8.0:
+        return None
+    return (g > _otsu(rest)) & ~purple
 
 
 def open_cross(mask: np.ndarray) -> np.ndarray:
@@ -180,7 +267,14 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | ~border[lab]
 
 
-def _ruler(mask: np.ndarray, factor: float) -> float | None:
+#: Smallest component (inscribed radius, thumbnail px) the ruler counts: red-cell fragments and specks below it are
+#: left out. 2 instead of 3 on the luminance mask, which only measures small cells (6-8 px red cells have radius 3-4
+#: and lose a pixel to the opening).
+RMIN = 3.0
+RMIN_LOWRES = 2.0
+
+
+def _ruler(mask: np.ndarray, factor: float, rmin: float = RMIN) -> float | None:
     labels, n = ndimage().label(mask)
     if n == 0:
         return None
@@ -189,7 +283,7 @@ def _ruler(mask: np.ndarray, factor: float) -> float | None:
     np.maximum.at(radius, labels[mask], dist[mask])  # per-component max (ndi.maximum sorts: 30x slower)
     area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
     radius, area = radius[1:], area[1:]
-    keep = radius >= 3.0
+    keep = radius >= rmin
     if keep.sum() < 2:
         return None
     radius, area = radius[keep], area[keep]
@@ -201,7 +295,9 @@ def _ruler(mask: np.ndarray, factor: float) -> float | None:
 
 def estimate_rbc_diameter(rgb: np.ndarray) -> float:
     """Apparent red-cell diameter of an RGB uint8 field, in that field's pixels (DEFAULT_RBC_PX when unmeasurable)."""
-    size = _estimate(*thumbnail(rgb))
+    shrinker = Shrinker(rgb) if max(rgb.shape[:2]) > _THUMB_SIDE else None
+    a, factor = thumbnail(rgb, shrinker)
+    size = finer_estimate(rgb, _estimate(a, factor), factor, shrinker)
     return DEFAULT_RBC_PX if size is None else size
 
 

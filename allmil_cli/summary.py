@@ -51,7 +51,6 @@ def summary_table(results: Sequence[PatientResult], width: int, rows: int = 50) 
         "patient": min(24, max([7] + [len(r.patient) for r in shown])),
         "call": max([4] + [len(shown_call(r)) for r in shown]),
         "p_all": 5,
-        "img": max([3] + [len(str(r.n_images)) for r in shown]),
         "cells": max([5] + [len(str(r.n_cells)) for r in shown]),
         "blast": max([5] + [len(str(r.n_blast_like)) for r in shown]),
         "blast %": max([7] + [len(blast_pct_text(r)) for r in shown]),
@@ -65,13 +64,13 @@ def summary_table(results: Sequence[PatientResult], width: int, rows: int = 50) 
                   show_edge=False, expand=False, collapse_padding=False)
     for name, w in widths.items():
         table.add_column(name, width=w, no_wrap=True, overflow="ellipsis",
-                         justify="right" if name in ("p_all", "img", "cells", "blast", "blast %") else "left")
+                         justify="right" if name in ("p_all", "cells", "blast", "blast %") else "left")
     table.add_column("reason", width=reason_w, no_wrap=True, overflow="ellipsis")
     for r in shown:
         p = "" if r.p_all is None or math.isnan(r.p_all) else f"{r.p_all:.3f}"
         call = shown_call(r)
         table.add_row(escape(clip(r.patient, widths["patient"], 1)), f"[{COLOURS.get(call, '')}]{call}[/]", p,
-                      str(r.n_images), str(r.n_cells), str(r.n_blast_like), blast_pct_text(r), escape(clip(r.reason, reason_w)))
+                      str(r.n_cells), str(r.n_blast_like), blast_pct_text(r), escape(clip(r.reason, reason_w)))
     return table
 
 

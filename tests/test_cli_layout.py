@@ -15,7 +15,7 @@ from allmil_cli.stress import calls_by_patient, rows_csv
 
 def test_every_command_is_on_the_one_app_in_help_order():
     names = list(typer.main.get_command(app).commands)
-    assert names == ["diagnose", "stress-test", "detect", "embed", "merge", "train"]
+    assert names == ["diagnose", "stress-test", "calibrate", "detect", "embed", "merge", "train"]
 
 
 def test_importing_the_cli_loads_no_numerics():

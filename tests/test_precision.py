@@ -115,7 +115,7 @@ def test_shipped_int8_calls_the_examples_as_fp32_does(tmp_path):
     assert rows["fp32"].keys() == rows["int8"].keys()
     for name, a in rows["fp32"].items():
         b = rows["int8"][name]
-        assert a["call"] == b["call"] == "normal"
+        assert a["call"] == b["call"] != "ALL" and a["n_blast_like"] == b["n_blast_like"] == "0"
         assert abs(float(a["p_all"]) - float(b["p_all"])) < 0.05
         assert abs(int(a["n_cells"]) - int(b["n_cells"])) <= 1
 

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from allmil_cli.cli import app
-from allmil_cli.qc import field_flags, patient_qc
+from allmil_cli.qc import describe, field_flags, patient_qc
 from allmil_cli.scale import measure_field
 from allmil_cli.train.shifts import blur, gamma, rescale
 
@@ -41,6 +41,21 @@ def test_tiny_magnification_is_flagged():
     assert "magnification" in field_flags(measure_field(small))[0]
 
 
+def test_resolution_flag_for_cells_too_small_to_judge():
+    """Red cells of 9 px (an example field shrunk to that known size) are too small to judge: ``resolution`` is raised;
+    no example field at its own magnification raises it."""
+    from allmil_cli.qc import MIN_RBC_PX
+
+    for rgb in _fields():
+        assert "resolution" not in field_flags(measure_field(rgb))[0]
+        small = rescale(rgb, 9.0 / measure_field(rgb).rbc_px)
+        flags, info = field_flags(measure_field(small))
+        assert "resolution" in flags and info["rbc_px"] < MIN_RBC_PX, info
+    qc = patient_qc([("a.jpg", measure_field(small))], n_cells=10, min_cells_normal=4)
+    assert "resolution" in qc.flags and qc.details["flagged_fields"]["resolution"] == ["a.jpg"]
+    assert "too small to judge" in describe(qc)
+
+
 def test_far_stain_is_flagged():
     rgb = _fields()[0]
     faint = gamma(rgb, 0.15)  # a washed-out stain: densities ~7x lighter than any training field
@@ -57,7 +72,7 @@ def test_patient_qc_collects_field_flags_and_few_cells():
 
 
 def test_blurred_patient_is_never_called_normal(tmp_path):
-    """The shipped model calls the example patients normal; the same fields blurred must not be."""
+    """Blurred fields raise the blur flag, and a flagged patient is never called normal."""
     shipped_weights_or_skip()
     src = sorted(p for p in EXAMPLES.iterdir() if p.is_dir())[0]
     pdir = tmp_path / "patients" / "blurred"
@@ -72,10 +87,22 @@ def test_blurred_patient_is_never_called_normal(tmp_path):
     assert r.exit_code in (0, 1), r.output
     rows = {row["patient"]: row for row in csv.DictReader(open(out, newline=""))}
     assert "blur" in rows["blurred"]["qc"].split(";")
-    assert rows["blurred"]["call"] != "normal" and "QC" in rows["blurred"]["reason"]
-    assert rows["clean"]["qc"] == "" and rows["clean"]["call"] == "normal"
+    assert rows["blurred"]["call"] != "normal"  # the reason may lead with another rule's (e.g. too few cells)
+    assert rows["clean"]["qc"] == ""  # (its call is the decision rule's: normal, or review when the cells are too few)
     doc = {p["patient"]: p for p in json.loads(js.read_text())["patients"]}
     assert all(v["sharpness"] < 1.7 for v in doc["blurred"]["qc_details"]["fields"].values())
+    # with a rule under which six clean cells are enough to call normal, the clean patient is normal and the blurred
+    # one (same cells, none blast-like) is turned to review by its flag, with the reason saying so
+    from allmil_cli.decision import RuleParams
+    from allmil_cli.images import discover_patients
+    from allmil_cli.models import load_models
+    from allmil_cli.pipeline import Options, Pipeline
+
+    patients, _ = discover_patients(tmp_path / "patients")
+    lenient = Options(rule=RuleParams(background=0.45, all_rate=0.9), cell_threshold=1.01)
+    calls = {r.patient: r for r in Pipeline(load_models(device="cpu"), lenient).run(patients)}
+    assert calls["clean"].call == "normal" and calls["clean"].qc == []
+    assert calls["blurred"].call == "review" and "blur" in calls["blurred"].reason and "Would be called normal" in calls["blurred"].reason
 
 
 def test_field_without_red_cells_raises_ruler_and_stain():

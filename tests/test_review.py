@@ -213,15 +213,16 @@ def test_page_renders_in_headless_chromium_and_sorts(labelled_page, tmp_path):
 
 def rule_results():
     """Four patients through the real patient rule: ALL, normal, review and a failed one, with user text in the way."""
-    from allmil_cli.decision import FALLBACK_RULE, decide
+    from allmil_cli.decision import RuleParams, decide
     from allmil_cli.pipeline import PatientResult
 
+    rule = RuleParams(background=0.10, all_rate=0.20)
     out = []
-    for name, k, n in ((XSS, 27, 86), ("p_five", 5, 100), ("p_fifteen", 15, 100)):
-        d = decide(k, n, FALLBACK_RULE)
+    for name, k, n in ((XSS, 27, 86), ("p_five", 2, 200), ("p_fifteen", 15, 100)):
+        d = decide(k, n, rule)
         out.append(PatientResult(patient=name, status="ok", call=d.call, p_all=0.5, n_images=2, n_cells=n, n_blast_like=k,
                                  blast_fraction=k / n, reason=d.reason, blast_pct=d.blast_pct, blast_pct_lo=d.blast_pct_lo,
-                                 blast_pct_hi=d.blast_pct_hi, rule=d.evidence(FALLBACK_RULE), qc=[XSS]))
+                                 blast_pct_hi=d.blast_pct_hi, rule=d.evidence(rule), qc=[XSS]))
     out.append(PatientResult(patient="p_failed", status="failed", call="review", p_all=float("nan"), n_images=0, n_cells=0,
                              n_blast_like=0, blast_fraction=float("nan"), reason=f"no readable image: {XSS_FILE}"))
     return out

@@ -72,3 +72,74 @@ def test_fast_morphology_matches_scipy():
             m = ndi.binary_dilation(m)  # blobs with holes, as red cells with their pallor
         assert np.array_equal(open_cross(m), ndi.binary_opening(m, iterations=1))
         assert np.array_equal(fill_holes(m), ndi.binary_fill_holes(m))
+
+
+def _redness_ruler(rgb: np.ndarray) -> float | None:
+    """The ruler as every model was calibrated on it: the redness mask of the 512-px thumbnail, nothing else."""
+    from allmil_cli.scale import _otsu, _ruler, fill_holes, open_cross, thumbnail
+
+    a, factor = thumbnail(rgb)
+    redness = np.clip((a[..., 0] - a[..., 1]) * 2.0 + 128.0, 0.0, 255.0)
+    return _ruler(fill_holes(open_cross(redness > _otsu(redness))), factor)
+
+
+def test_full_resolution_fields_read_as_the_models_were_calibrated():
+    """The low-end fixes (luminance check, finer thumbnail) never touch a full-resolution field: same reading, bit for bit."""
+    for path in sorted(EXAMPLES.rglob("*.jpg")):
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        assert estimate_rbc_diameter(rgb) == _redness_ruler(rgb), path.name
+
+
+def _shrunk(scale_to: float, quality: int | None = None) -> tuple[np.ndarray, float]:
+    """An example field resized so its red cells are ``scale_to`` px (its full-resolution reading x the factor)."""
+    from allmil_cli.train.shifts import jpeg, rescale
+
+    with Image.open(sorted(EXAMPLES.rglob("*.jpg"))[2]) as im:  # BloodImage_00021: red cells apart, some touching
+        rgb = np.asarray(im.convert("RGB"))
+    small = rescale(rgb, scale_to / estimate_rbc_diameter(rgb))
+    return (jpeg(small, quality) if quality else small), scale_to
+
+
+def test_ruler_on_a_field_shrunk_to_a_known_size():
+    """9 px red cells read 9 px (it read 16-17 px on some BCCD fields shrunk 12x: docs/ruler.md), 14 px after JPEG 70."""
+    for size, quality in ((9.0, None), (12.0, None), (14.0, 70), (20.0, 70)):
+        rgb, known = _shrunk(size, quality)
+        assert abs(estimate_rbc_diameter(rgb) / known - 1.0) <= 0.15, (size, quality, estimate_rbc_diameter(rgb))
+
+
+def test_pale_field_after_jpeg_is_measured_on_luminance():
+    """A pale field at 14 px red cells and JPEG 70 loses its redness to chroma quantisation (the redness ruler read it
+    ~6x too large, or nothing); the luminance mask still sees the red cells."""
+    from allmil_cli.train.shifts import gamma, jpeg, rescale
+
+    with Image.open(sorted(EXAMPLES.rglob("*.jpg"))[2]) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    known = 14.0
+    pale = jpeg(gamma(rescale(rgb, known / estimate_rbc_diameter(rgb)), 0.45), 70)  # washed-out stain, then JPEG
+    assert abs(estimate_rbc_diameter(pale) / known - 1.0) <= 0.2, estimate_rbc_diameter(pale)
+
+
+def test_wide_field_with_small_cells_is_measured_on_a_finer_thumbnail():
+    """A 2592 x 1944 field whose red cells are 12 px (a low magnification on a large sensor: here a mosaic of the example
+    fields shrunk to 12 px red cells, background between them) shows them ~2.4 px wide on the 512 px thumbnail, where
+    they merge: that reading is ~1.8x too large. The ruler measures such a field again on finer thumbnails."""
+    from allmil_cli.scale import _estimate, thumbnail
+    from allmil_cli.train.shifts import rescale
+
+    tiles = []
+    for path in sorted(EXAMPLES.rglob("*.jpg")):
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        small = rescale(rgb, 12.0 / estimate_rbc_diameter(rgb))[:48, :64]
+        tile = np.empty((48, 64, 3), np.uint8)
+        tile[:] = np.median(small.reshape(-1, 3), axis=0).astype(np.uint8)
+        tile[: small.shape[0], : small.shape[1]] = small
+        tiles.append(tile)
+    rows = [np.concatenate([tiles[(7 * i + j) % len(tiles)] for j in range(41)], axis=1) for i in range(41)]
+    wide = np.ascontiguousarray(np.concatenate(rows, axis=0)[:1944, :2592])
+    assert _estimate(*thumbnail(wide)) / 12.0 > 1.5  # the 512 px thumbnail alone
+    assert abs(estimate_rbc_diameter(wide) / 12.0 - 1.0) <= 0.15, estimate_rbc_diameter(wide)
+    from allmil_cli.scale import measure_field
+
+    assert measure_field(wide).rbc_px == estimate_rbc_diameter(wide)  # the pipeline's measure takes the same second look

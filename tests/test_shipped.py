@@ -22,8 +22,9 @@ def test_manifest_matches_shipped_models():
     assert models.metadata("aggregator")["allmil.bag_size"] == "15"
 
 
-def test_examples_are_called_normal(tmp_path):
-    """BCCD fields (normal / non-leukemic blood, BCCD test split: never trained on) must not be called ALL."""
+def test_examples_are_never_called_all_and_say_how_many_cells_would_rule_out(tmp_path):
+    """BCCD fields (normal / non-leukemic blood, BCCD test split: never trained on): no blast-like cell, so no ALL call;
+    six cells cannot exclude a small blast population, so the call is review, and the reason says what would."""
     shipped_weights_or_skip()
     out = tmp_path / "report.csv"
     r = CliRunner().invoke(app, ["diagnose", str(EXAMPLES), "--out", str(out), "--json", str(tmp_path / "r.json"), "--quiet"])
@@ -31,7 +32,9 @@ def test_examples_are_called_normal(tmp_path):
     rows = list(csv.DictReader(open(out, newline="")))
     assert len(rows) == 3
     for row in rows:
-        assert row["status"] == "ok" and row["call"] == "normal" and float(row["p_all"]) < 0.2
+        assert row["status"] == "ok" and row["call"] == "review" and float(row["p_all"]) < 0.2
+        assert row["n_blast_like"] == "0" and float(row["blast_pct"]) == 0.0 and float(row["blast_pct_hi"]) > 10
+        assert "too few cells to exclude a small blast population" in row["reason"] and "cells with this share" in row["reason"]
         assert int(row["n_cells"]) >= int(row["n_images"])  # every BCCD field shows at least one WBC
     doc = json.loads((tmp_path / "r.json").read_text())
     for p in doc["patients"]:

@@ -29,17 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import zlib
 from collections import defaultdict
 
 import numpy as np
 
 from allmil_cli.decision import RuleParams, decide
-from allmil_cli.train.heldout import OUT_DIR, load
+from allmil_cli.train.heldout import K, OUT_DIR, load, split
 from allmil_cli.train.inventory import REPO
 from allmil_cli.train.rule import describe, fit_rule
 
-K = 5
 FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.10, 0.20, 0.40, 0.80)
 SIZES = (15, 50, 100, 200, 500)
 REPS = 400
@@ -55,20 +53,6 @@ MIXES: dict[str, dict[str, float]] = {
 FIELD_SOURCES = {"ALL-IDB1 healthy fields": "idb_normal", "BCCD test fields": "bccd_wbc"}
 FIELD_COUNTS = (1, 5, 20)
 DOC = REPO / "docs" / "protocol4_results.md"
-
-
-def parts(data: dict[str, np.ndarray]) -> np.ndarray:
-    """The fold each cell is a test cell of: ALL-IDB cells their own fold; other cells by a hash of their field."""
-    part = np.array([zlib.crc32(f.encode()) % K for f in data["field"]], np.int8)
-    idb = np.char.startswith(data["group"].astype(str), "idb_")
-    return np.where(idb, data["fold"], part)
-
-
-def split(data: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(test mask, fit mask) over the rows of ``data`` (one row per cell and scoring fold) for fold ``k``."""
-    p = parts(data)
-    scored_by_own = data["fold"] == p  # every cell counted once, scored by the model of the fold it is a test cell of
-    return scored_by_own & (p == k), scored_by_own & (p != k)
 
 
 def _draw_counts(rng: np.random.Generator, mix: dict[str, float], rates: dict[str, float], frac: float, n: int,

@@ -5,10 +5,12 @@
 2. idb2_map: where each ALL-IDB2 crop was cut from in ALL-IDB1 (~5 min);
 3. inventory: the training cells; combine: protocol-2 fold models of the shipped recipe, bag rule, operating
    point (~25 min with a cold feature cache);
-4. cells: embedder (frozen backbone + FC256) and LSTM aggregator on all data (~3 min); quantize: their int8 copies
-   for the CPU (``allmil_cli.train.quantize``, ~2 min);
+4. cells: embedder (frozen backbone + FC256) and LSTM aggregator on all data (~3 min); heldout: every fold model's
+   scores of the cells it never saw (~8 min once the fold models exist); rule: the patient rule fitted on them and
+   written into the aggregator (``allmil_cli.train.rule``); quantize: int8 copies for the CPU (~2 min);
 5. evaluate: protocols 1 and 2, stress test (``python -m allmil_cli.train.evaluate all``, ~5 min);
 6. protocol3: cross-domain protocol for the shipped recipe and its PBC-free twin (leave-source-out), ~30 min;
+   protocol4: composition and scale (seconds); site_protocol: lab calibration under protocol 3's shifts (seconds);
    int8_check: protocol 3 with the fold models' int8 copies against the float ones (``variant_check int8``, ~25 min);
 7. ``weights/manifest.json`` (sha256 of each model).
 ``--ablations`` adds the section-5 ablations and the v1 baseline of protocol 3 (~1 h more).
@@ -32,9 +34,13 @@ STEPS = {
     "inventory": ["-m", "allmil_cli.train.cells", "inventory"],
     "combine": ["-m", "allmil_cli.train.evaluate", "combine"],
     "cells": ["-m", "allmil_cli.train.cells", "train"],
+    "heldout": ["-m", "allmil_cli.train.heldout"],
+    "rule": ["-m", "allmil_cli.train.rule"],
     "quantize": ["-m", "allmil_cli.train.quantize"],
     "evaluate": ["-m", "allmil_cli.train.evaluate", "all"],
     "protocol3": ["-m", "allmil_cli.train.protocol3", "all", "--recipes", "v2pbc", "v2"],
+    "protocol4": ["-m", "allmil_cli.train.protocol4"],
+    "site_protocol": ["-m", "allmil_cli.train.site_protocol"],
     "int8_check": ["-m", "allmil_cli.train.variant_check", "int8", "--shifts", "none", "res20+jpeg70", "res14+jpeg70",
                    "hue+20", "hed", "gamma1.5", "blur", "hed+res20"],
 }

@@ -1,0 +1,121 @@
+"""The calibration protocol: protocol 3's shifts stand in for labs; does ``allmil calibrate`` fix a lab's calls?
+
+``python -m allmil_cli.train.site_protocol`` (needs ``python -m allmil_cli.train.protocol3 fields --recipes v2pbc``,
+which keeps every held-out patient's cell scores per shift, and ``python -m allmil_cli.train.heldout``).
+
+For each shift (a "lab") and each of ``REPEATS`` seeded draws: calibrate (:func:`allmil_cli.calibrate.fit_site`) on 10
+normal + 10 ALL held-out patients of that shift, then call every other held-out patient of the same shift with the
+lab's rule; again with the 10 normal patients only. Beside it, the same patients called without a profile.
+
+Every patient is one ALL-IDB1 field, scored by the fold model that never saw it (protocol 2's folds). The cell
+threshold and starting rule of a patient are its fold's (``rule.fit_rule`` on the other folds' held-out cells,
+unshifted ground-truth cells), so nothing of a test patient sets its threshold. Calibration patients are drawn from
+all folds: the profile is then fitted on counts made at their own folds' thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from allmil_cli.calibrate import Counts, fit_site
+from allmil_cli.decision import decide
+from allmil_cli.train.heldout import load, split
+from allmil_cli.train.inventory import REPO
+from allmil_cli.train.protocol2 import K, fields
+from allmil_cli.train.protocol3 import OUT
+from allmil_cli.train.rule import fit_rule
+
+REPEATS = 50
+N_CAL = 10
+DOC = REPO / "docs" / "calibration_results.md"
+
+
+def _summ(calls: list[str], y: list[int]) -> dict[str, float]:
+    c, t = np.asarray(calls), np.asarray(y)
+    return {"spec": float((c[t == 0] != "ALL").mean()), "sens_all": float((c[t == 1] == "ALL").mean()),
+            "all_as_normal": int(((c == "normal") & (t == 1)).sum()), "screen_sens": float((c[t == 1] != "normal").mean()),
+            "normal_calls": float((c[t == 0] == "normal").mean())}
+
+
+def run(repeats: int = REPEATS, recipe: str = "v2pbc", seed: int = 0) -> dict:
+    data = load(recipe)
+    fold_fits = []
+    for k in range(K):
+        _, fit_mask = split(data, k)
+        fold_fits.append(fit_rule(data["score"][fit_mask], data["group"].astype(str)[fit_mask]))
+    recs, folds = fields()
+    fold_of = {r.name: f for r, f in zip(recs, folds)}
+    shifts = json.loads((OUT / "fields.json").read_text())[recipe]
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict] = {}
+    for shift, d in shifts.items():
+        if "scores" not in d:
+            raise SystemExit("protocol 3 results lack cell scores: rerun `python -m allmil_cli.train.protocol3 fields --recipes v2pbc`")
+        names, y = d["names"], d["y"]
+        fk = [fold_of[n] for n in names]
+        counts = [Counts(n, int(lab), len(s), int(sum(x >= fold_fits[k].cell_threshold for x in s)))
+                  for n, lab, s, k in zip(names, y, d["scores"], fk)]
+        base = [decide(c.n_blast_like, c.n_cells, fold_fits[k].params).call if c.n_cells else "review" for c, k in zip(counts, fk)]
+        res = {"both": [], "normals": [], "none": []}
+        normals = [i for i, c in enumerate(counts) if c.label == 0 and c.n_cells]
+        alls = [i for i, c in enumerate(counts) if c.label == 1 and c.n_cells]
+        for _ in range(repeats):
+            cal_n = list(rng.choice(normals, N_CAL, replace=False))
+            cal_a = list(rng.choice(alls, N_CAL, replace=False))
+            for mode, cal in (("both", cal_n + cal_a), ("normals", cal_n)):
+                shipped = fold_fits[int(np.bincount([fk[i] for i in cal], minlength=K).argmax())].params
+                fit = fit_site([counts[i] for i in cal], shipped)
+                test = [i for i in range(len(counts)) if i not in set(cal_n + cal_a)]
+                calls = [decide(counts[i].n_blast_like, counts[i].n_cells, fit.params).call if counts[i].n_cells else "review"
+                         for i in test]
+                res[mode].append(_summ(calls, [counts[i].label for i in test]))
+                if mode == "both":
+                    res["none"].append(_summ([base[i] for i in test], [counts[i].label for i in test]))
+        out[shift] = {m: {k: (float(np.mean([r[k] for r in v])), float(np.min([r[k] for r in v])), float(np.max([r[k] for r in v])))
+                          for k in v[0]} for m, v in res.items()}
+    return out
+
+
+def markdown(res: dict, cmd: str, repeats: int) -> str:
+    lines = ["# Calibration protocol: protocol 3's shifts as labs", "",
+             f"Written by `{cmd}` (see `allmil_cli/train/site_protocol.py`). Per shift: {repeats} seeded draws of "
+             f"{N_CAL} normal + {N_CAL} ALL calibration patients; the other held-out patients of the shift are called with "
+             "the lab's profile. Mean (min-max over draws), %. *spec*: normal patients not called ALL; *sens*: ALL "
+             "patients called ALL; *screen*: ALL patients not called normal; *normal*: normal patients called normal.", "",
+             "| shift | no profile: spec / sens / screen / normal | 10 normal + 10 ALL: spec / sens / screen / normal, ALL called normal | 10 normal only: spec / sens / screen / normal |",
+             "|---|---|---|---|"]
+
+    def f(d, k):
+        m, lo, hi = d[k]
+        return f"{100 * m:.1f}" if k != "all_as_normal" else f"{m:.2f} (max {hi:.0f})"
+
+    for shift, r in res.items():
+        cells = []
+        for mode in ("none", "both", "normals"):
+            d = r[mode]
+            txt = " / ".join(f(d, k) for k in ("spec", "sens_all", "screen_sens", "normal_calls"))
+            if mode == "both":
+                txt += f", {f(d, 'all_as_normal')}"
+            cells.append(txt)
+        lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m allmil_cli.train.site_protocol", description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=REPEATS)
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    res = run(a.repeats)
+    text = markdown(res, "python -m allmil_cli.train.site_protocol" + (f" --repeats {a.repeats}" if a.repeats != REPEATS else ""),
+                    a.repeats)
+    DOC.write_text(text)
+    print(text, f"({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
