@@ -40,3 +40,15 @@ def test_examples_are_never_called_all_and_say_how_many_cells_would_rule_out(tmp
     for p in doc["patients"]:
         for c in p["cells"]:
             assert 0.0 <= c["blast_score"] <= 1.0 and c["blast_like"] is False
+
+
+def test_the_large_example_patient_is_called_normal(tmp_path):
+    """217 PBC normal-cell images (held out of training): enough cells, none blast-like: the interval excludes a
+    blast population, so the call is normal, with no QC flag."""
+    shipped_weights_or_skip()
+    out = tmp_path / "large.csv"
+    r = CliRunner().invoke(app, ["diagnose", str(EXAMPLES.parent / "large"), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    (row,) = list(csv.DictReader(open(out, newline="")))
+    assert row["call"] == "normal" and row["qc"] == "" and int(row["n_cells"]) >= 210
+    assert float(row["blast_pct_hi"]) <= 1.82 and "within what normal blood shows" in row["reason"]
