@@ -113,6 +113,10 @@ def decode_heatmap(heat: np.ndarray, threshold: float, min_dist: float, merge_di
     scores = heat[ys, xs]
     order = np.argsort(-scores, kind="stable")
     ys, xs, scores = ys[order], xs[order], scores[order]
+    # a flat top gives several equal cells next to each other: one maximum (the first), not several peaks
+    first = [i for i in range(len(ys)) if not any(abs(int(ys[i]) - int(ys[j])) <= 1 and abs(int(xs[i]) - int(xs[j])) <= 1
+                                                  for j in range(i))]
+    ys, xs, scores = ys[first], xs[first], scores[first]
     # 3x3 weighted centroid (non-negative weights; -inf border -> 0)
     zpad = np.pad(heat, 1, mode="constant", constant_values=0.0)
     offs = np.arange(-1, 2)

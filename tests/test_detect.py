@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from allmil_cli.detect import Detection, decode_heatmap, detect_cells, prepare_input
+from allmil_cli.detect import DECODING, Detection, decode_heatmap, detect_cells, prepare_input
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights" / "detector.onnx"
@@ -40,6 +40,46 @@ def test_decode_min_distance_suppression():
     assert len(p) == 2
     np.testing.assert_allclose(p[:, 0], [10.5, 20.5])
     assert decode_heatmap(np.zeros((8, 8)), 0.3, 4.0).shape == (0, 3)
+
+
+def _two_peaks(gap: float, dip: float, sigma: float = 2.0, h: int = 30, w: int = 40) -> np.ndarray:
+    """Two heatmap peaks (0.9, 0.8) ``gap`` cells apart; ``dip``: where their profiles cross, the heatmap falls to this
+    fraction of the weaker one (a max of two Gaussians of ``sigma`` cells, plus a ridge lifting the saddle)."""
+    a, b = _bump(h, w, 15.5, 15.5, 0.9, sigma), _bump(h, w, 15.5 + gap, 15.5, 0.8, sigma)
+    heat = np.maximum(a, b)
+    yy, xx = np.mgrid[0:h, 0:w]
+    ridge = (np.abs(yy + 0.5 - 15.5) < 1.0) & (xx + 0.5 > 15.5) & (xx + 0.5 < 15.5 + gap)
+    heat[ridge] = np.maximum(heat[ridge], dip * 0.8)
+    return heat.astype(np.float32)
+
+
+def test_decode_merges_two_maxima_on_one_ridge_but_not_two_cells():
+    """A lobed or large cell can give two maxima with no valley between them: one cell. Two touching cells (centres a
+    white-cell diameter, ~1.2-1.5 red cells, apart) give two maxima with a valley: two cells. At 3.5 heatmap cells
+    (0.7 red cell at the detector's 20 px scale and 4 px stride) the old single radius (3 cells) kept both maxima."""
+    one_cell, two_cells = _two_peaks(3.5, 0.9), _two_peaks(6.0, 0.0)
+    assert len(decode_heatmap(one_cell, 0.3, 3.0)) == 2  # radius only: one cell counted twice
+    peaks, merged = decode_heatmap(one_cell, 0.3, 3.0, merge_dist=5.0, valley=0.7, return_merged=True)
+    weaker = float(decode_heatmap(one_cell, 0.3, 3.0)[1, 2])
+    assert len(peaks) == 1 and merged == [[pytest.approx(weaker)]]  # the weaker peak's score is kept on the cell
+    peaks, merged = decode_heatmap(two_cells, 0.3, 3.0, merge_dist=5.0, valley=0.7, return_merged=True)
+    assert len(peaks) == 2 and merged == [[], []]
+    far = _two_peaks(7.0, 0.9)  # beyond merge_dist: two cells whatever the ridge
+    assert len(decode_heatmap(far, 0.3, 3.0, merge_dist=5.0, valley=0.7)) == 2
+
+
+def test_detections_carry_what_was_merged():
+    from allmil_cli.detect import Decoding, heatmap_detections
+
+    meta = {"threshold": 0.3, "stride": 4.0, "canonical_rbc_px": 20.0}
+    heat = _two_peaks(3.5, 0.9)
+    before = heatmap_detections(heat, meta, None, 160, 120, 1.0, 1.0, Decoding(0.6, 0.0, 1.0))
+    after = heatmap_detections(heat, meta, None, 160, 120, 1.0, 1.0, Decoding(0.6, 1.0, 0.7))
+    assert [d.merged_scores for d in before] == [(), ()]
+    assert len(after) == 1 and after[0].score == pytest.approx(0.9, abs=0.01)
+    assert after[0].merged_scores == (pytest.approx(before[1].score),)
+    assert heatmap_detections(heat, meta, None, 160, 120, 1.0, 1.0) == heatmap_detections(
+        heat, meta, None, 160, 120, 1.0, 1.0, DECODING)
 
 
 def test_prepare_input_scale_and_padding():
