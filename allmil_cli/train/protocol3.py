@@ -218,9 +218,17 @@ def _shipped_selection() -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
+@lru_cache(maxsize=1)
 def shipped_cell_threshold() -> float:
-    """The shipped blast-like cell threshold (raw cell score)."""
-    return float(_shipped_selection().get("cell_threshold", CELL_THRESHOLD))
+    """The shipped blast-like cell threshold (raw cell score): the one in the shipped aggregator's metadata (the patient
+    rule's, ``allmil_cli.train.rule``), else the recipe's selection file."""
+    import onnxruntime as ort
+
+    from allmil_cli.train.inventory import WEIGHTS
+
+    meta = ort.InferenceSession(str(WEIGHTS / "aggregator.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta()
+    value = (meta.custom_metadata_map or {}).get("allmil.cell_threshold")
+    return float(value) if value is not None else float(_shipped_selection().get("cell_threshold", CELL_THRESHOLD))
 
 
 def shipped_patient_threshold() -> float:
