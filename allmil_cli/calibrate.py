@@ -5,11 +5,13 @@ reading images and writing the profile live in :mod:`allmil_cli.site` and the CL
 
 What a lab's patients set (the shipped rule is the starting point, :mod:`allmil_cli.decision`):
 
-* ``background`` (always): the blast-like rate this lab's normal patients show. The pooled rate of the normal patients,
-  its 95 % upper bound widened by how much the patients differ from one another (quasi-binomial: the number of cells
-  is divided by the dispersion, Pearson chi-square over degrees of freedom, at least 1), and never below the pooled
-  rate of any patient group the lab gave. A benign patient of this lab then shows at most this rate, and the excess
-  test calls it ALL with probability at most ``alpha``.
+* ``background``: the blast-like rate this lab's normal patients show. From the pooled rate of the normal patients and
+  its one-sided 95 % upper bound, widened by how much the patients differ from one another (quasi-binomial: the number
+  of cells is divided by the dispersion, Pearson chi-square over degrees of freedom, at least 1):
+  *raised* to that upper bound when the pooled rate itself exceeds the shipped background (this lab's normal blood
+  shows more blast-like cells: without it, its benign patients drift toward ALL); *lowered* to it when it is below
+  the shipped background (enough cells to show this lab is cleaner); *kept* otherwise (the lab's few cells agree with
+  the shipped value but cannot bound it more tightly: a small sample must not loosen the rule).
 * ``all_rate``: with normal patients only, the shipped ALL level stays (raised only when the lab's background reaches
   it, and then said so). With ALL patients too, the highest ALL level, at most the shipped one, at which every ALL
   patient of the lab is still called ALL; never below ``background`` + 1 point.
@@ -29,6 +31,8 @@ from allmil_cli.decision import RuleParams, decide, wilson_interval
 #: Fewer normal patients than this is refused: with 10 patients free of ALL calls, the 95 % upper bound of the
 #: false-ALL rate is still 28 % (Wilson); fewer gives a bound too wide to set a lab's background from.
 MIN_NORMAL_PATIENTS = 10
+#: The lab's background is a one-sided 95 % upper bound (two-sided 90 % Wilson), as the shipped one is.
+UPPER_CONFIDENCE = 0.90
 #: The command warns when an interval is wider than this (in proportion, hi - lo).
 WIDE_INTERVAL = 0.30
 
@@ -72,10 +76,11 @@ class SiteFit:
     normal_calls: Rate  # normal patients called normal (the rest: review), leave-one-patient-out
     cv_calls: list[tuple[str, int, str]] = field(default_factory=list)  # (patient, label, call when left out)
     warnings: list[str] = field(default_factory=list)
+    background_how: str = "kept"  # "kept" (the shipped one), "raised" or "lowered" by this lab's normal patients
 
 
-def _background(normals: list[Counts]) -> tuple[float, float, float]:
-    """(background, pooled rate, dispersion) of the normal patients (see the module docstring)."""
+def _background(normals: list[Counts], shipped: float) -> tuple[float, float, float, str]:
+    """(background, pooled rate, dispersion, how) from the normal patients (see the module docstring)."""
     k = np.array([c.n_blast_like for c in normals], float)
     n = np.array([c.n_cells for c in normals], float)
     pooled = float(k.sum() / n.sum())
@@ -85,27 +90,33 @@ def _background(normals: list[Counts]) -> tuple[float, float, float]:
     chi2 = float((((k - expected) ** 2)[ok] / var[ok]).sum())
     dispersion = max(1.0, chi2 / max(1, int(ok.sum()) - 1))
     n_eff = n.sum() / dispersion
-    upper = wilson_interval(int(round(pooled * n_eff)), max(1, int(round(n_eff))))[1]
-    return float(min(0.5, max(upper, 1e-3))), pooled, dispersion
+    upper = wilson_interval(int(round(pooled * n_eff)), max(1, int(round(n_eff))), UPPER_CONFIDENCE)[1]
+    upper = float(min(0.5, max(upper, 1e-3)))
+    if pooled > shipped:  # this lab's normal blood shows more blast-like cells than the shipped rule allows
+        return max(upper, shipped), pooled, dispersion, "raised"
+    if upper < shipped:  # enough cells to show it is cleaner than the shipped bound
+        return upper, pooled, dispersion, "lowered"
+    return shipped, pooled, dispersion, "kept"  # consistent with the shipped background, not precise enough to move it
 
 
-def fit_rule(counts: list[Counts], shipped: RuleParams) -> tuple[RuleParams, float, float, str]:
-    """The site's rule from its patients: (params, pooled normal rate, dispersion, how the ALL level was set)."""
+def fit_rule(counts: list[Counts], shipped: RuleParams) -> tuple[RuleParams, float, float, str, str]:
+    """The site's rule from its patients: (params, pooled normal rate, dispersion, how the ALL level was set, how the
+    background was set)."""
     normals = [c for c in counts if c.label == 0 and c.n_cells > 0]
     alls = [c for c in counts if c.label == 1 and c.n_cells > 0]
-    bg, pooled, dispersion = _background(normals)
+    bg, pooled, dispersion, bg_how = _background(normals, shipped.background)
     floor = round(bg + 0.01, 4)
     if not alls:
         if shipped.all_rate >= floor:
-            return RuleParams(background=round(bg, 4), all_rate=shipped.all_rate, alpha=shipped.alpha), pooled, dispersion, "shipped"
-        return RuleParams(background=round(bg, 4), all_rate=floor, alpha=shipped.alpha), pooled, dispersion, "raised"
+            return RuleParams(background=round(bg, 4), all_rate=shipped.all_rate, alpha=shipped.alpha), pooled, dispersion, "shipped", bg_how
+        return RuleParams(background=round(bg, 4), all_rate=floor, alpha=shipped.alpha), pooled, dispersion, "raised", bg_how
     best = floor
     for a in np.arange(max(shipped.all_rate, floor), floor - 1e-9, -0.005):
         params = RuleParams(background=round(bg, 4), all_rate=float(round(a, 4)), alpha=shipped.alpha)
         if all(decide(c.n_blast_like, c.n_cells, params).call == "ALL" for c in alls):
             best = float(round(a, 4))
             break
-    return RuleParams(background=round(bg, 4), all_rate=max(best, floor), alpha=shipped.alpha), pooled, dispersion, "fitted"
+    return RuleParams(background=round(bg, 4), all_rate=max(best, floor), alpha=shipped.alpha), pooled, dispersion, "fitted", bg_how
 
 
 def fit_site(counts: list[Counts], shipped: RuleParams) -> SiteFit:
@@ -117,7 +128,7 @@ def fit_site(counts: list[Counts], shipped: RuleParams) -> SiteFit:
             f"{n_normal} normal patient(s) with white cells; calibration needs at least {MIN_NORMAL_PATIENTS}: with fewer, "
             "the lab's normal blast-like rate cannot be bounded (10 cleared patients free of ALL calls still leave a "
             "95 % upper bound of 28 % on the false-ALL rate). Add cleared (normal) patients to the labels file.")
-    params, pooled, dispersion, how = fit_rule(usable, shipped)
+    params, pooled, dispersion, how, bg_how = fit_rule(usable, shipped)
     cv: list[tuple[str, int, str]] = []
     for i, c in enumerate(usable):
         rest = usable[:i] + usable[i + 1:]
@@ -144,4 +155,4 @@ def fit_site(counts: list[Counts], shipped: RuleParams) -> SiteFit:
     if skipped:
         warnings.append(f"{len(skipped)} labelled patient(s) without white cells left out: {', '.join(skipped[:5])}"
                         + (" ..." if len(skipped) > 5 else ""))
-    return SiteFit(params, pooled, dispersion, how, sens, spec, normal_calls, cv, warnings)
+    return SiteFit(params, pooled, dispersion, how, sens, spec, normal_calls, cv, warnings, bg_how)

@@ -127,7 +127,8 @@ def calibrate(
     table.add_column("")
     table.add_column("shipped")
     table.add_column("this lab")
-    table.add_row("normal blood: blast-like up to", f"{100 * shipped.background:.1f} %", f"{100 * p.background:.1f} %")
+    table.add_row("normal blood: blast-like up to", f"{100 * shipped.background:.1f} %",
+                  f"{100 * p.background:.1f} % ({fit.background_how})")
     table.add_row("ALL level", f"{100 * shipped.all_rate:.1f} %", f"{100 * p.all_rate:.1f} % ({fit.all_criterion})")
     table.add_row("sensitivity (leave-one-out)", "", _pct(fit.sensitivity))
     table.add_row("specificity (leave-one-out)", "", _pct(fit.specificity))

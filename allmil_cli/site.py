@@ -60,10 +60,12 @@ def profile_text(fit: SiteFit, counts: list[Counts], *, models_sha256: dict[str,
                 "pooled_pct": round(100 * fit.pooled_rate, 2), "dispersion": round(fit.dispersion, 3),
                 "patients": [{"patient": c.patient, "n_cells": c.n_cells, "n_blast_like": c.n_blast_like}
                              for c in counts if c.label == 0]}}),
-        ("The patient rule for this lab (allmil_cli/decision.py). background: highest blast-like rate normal blood shows here;\n"
+        ("The patient rule for this lab (allmil_cli/decision.py). background: highest blast-like rate normal blood shows here\n"
+         "(background_source: kept = the shipped value, which your normal patients agree with; raised / lowered by them);\n"
          "all_rate: ALL level; alpha: level of the excess test. all_criterion: shipped (kept), raised, or fitted to ALL patients.", {
             "rule": {"cell_threshold": round(float(cell_threshold), 6), "background": p.background, "all_rate": p.all_rate,
-                     "alpha": p.alpha, "confidence": p.confidence, "all_criterion": fit.all_criterion}}),
+                     "alpha": p.alpha, "confidence": p.confidence, "background_source": fit.background_how,
+                     "all_criterion": fit.all_criterion}}),
         ("Leave-one-patient-out: each patient called by a rule fitted without it. 95 % Wilson intervals, with the counts.\n"
          "sensitivity: ALL patients called ALL; specificity: normal patients not called ALL; normal_calls: called normal.", {
             "cross_validation": {"sensitivity": _rate(fit.sensitivity), "specificity": _rate(fit.specificity),

@@ -32,12 +32,21 @@ def test_a_lab_with_more_blast_like_normals_gets_a_higher_background_and_fewer_f
     counts = lab(20, 0.09)  # this lab's normal blood looks more blast-like than the shipped rule allows (5 %)
     shipped_calls = [decide(c.n_blast_like, c.n_cells, SHIPPED).call for c in counts]
     fit = fit_site(counts, SHIPPED)
-    assert fit.params.background > 0.09 > SHIPPED.background
+    assert fit.params.background > 0.09 > SHIPPED.background and fit.background_how == "raised"
     assert fit.params.all_rate == SHIPPED.all_rate and fit.all_criterion == "shipped"
     site_calls = [decide(c.n_blast_like, c.n_cells, fit.params).call for c in counts]
     assert site_calls.count("ALL") <= shipped_calls.count("ALL")
     assert fit.specificity.n == 20 and fit.sensitivity is None
     assert any("normal patients only" in w for w in fit.warnings)
+
+
+def test_few_clean_cells_keep_the_shipped_background_and_many_lower_it():
+    """A small sample must not loosen the rule: 12 patients of 3 cells, none blast-like, agree with the shipped
+    background but cannot bound it more tightly; 12 patients of 2,000 clean cells can."""
+    few = fit_site(lab(12, 0.0, cells=3), SHIPPED)
+    assert few.background_how == "kept" and few.params == SHIPPED
+    many = fit_site(lab(12, 0.001, cells=2000), SHIPPED)
+    assert many.background_how == "lowered" and many.params.background < SHIPPED.background
 
 
 def test_with_all_patients_the_all_level_is_fitted_and_cross_validated():
