@@ -8,13 +8,13 @@ What a lab's patients set (the shipped rule is the starting point, :mod:`allmil_
 * ``background``: the blast-like rate this lab's normal patients show. From the pooled rate of the normal patients and
   its one-sided 95 % upper bound, widened by how much the patients differ from one another (quasi-binomial: the number
   of cells is divided by the dispersion, Pearson chi-square over degrees of freedom, at least 1):
-  *raised* to that upper bound when the pooled rate itself exceeds the shipped background (this lab's normal blood
-  shows more blast-like cells: without it, its benign patients drift toward ALL); *lowered* to it when it is below
-  the shipped background (enough cells to show this lab is cleaner); *kept* otherwise (the lab's few cells agree with
-  the shipped value but cannot bound it more tightly: a small sample must not loosen the rule).
+  *raised* to that upper bound when even the lower bound exceeds the shipped background (this lab's normal blood shows
+  more blast-like cells, beyond chance: without it, its benign patients drift toward ALL); *lowered* to it when the
+  upper bound is below the shipped background (enough clean cells to show this lab is cleaner); *kept* otherwise (the
+  lab's cells are consistent with the shipped value: a small sample moves the rule in neither direction).
 * ``all_rate``: with normal patients only, the shipped ALL level stays (raised only when the lab's background reaches
-  it, and then said so). With ALL patients too, the highest ALL level, at most the shipped one, at which every ALL
-  patient of the lab is still called ALL; never below ``background`` + 1 point.
+  it, and then said so). With ALL patients too, the highest ALL level, at most the shipped one, that calls the most of
+  the lab's ALL patients ALL (lowered only where that gains ALL calls); never below ``background`` + 1 point.
 
 Cross-validation: leave one patient out, fit on the rest, call the left-out patient; sensitivity (ALL called ALL)
 and specificity (normal not called ALL), each with its 95 % Wilson interval and counts.
@@ -90,10 +90,10 @@ def _background(normals: list[Counts], shipped: float) -> tuple[float, float, fl
     chi2 = float((((k - expected) ** 2)[ok] / var[ok]).sum())
     dispersion = max(1.0, chi2 / max(1, int(ok.sum()) - 1))
     n_eff = n.sum() / dispersion
-    upper = wilson_interval(int(round(pooled * n_eff)), max(1, int(round(n_eff))), UPPER_CONFIDENCE)[1]
+    lower, upper = wilson_interval(int(round(pooled * n_eff)), max(1, int(round(n_eff))), UPPER_CONFIDENCE)
     upper = float(min(0.5, max(upper, 1e-3)))
-    if pooled > shipped:  # this lab's normal blood shows more blast-like cells than the shipped rule allows
-        return max(upper, shipped), pooled, dispersion, "raised"
+    if lower > shipped:  # this lab's normal blood shows more blast-like cells than the shipped rule allows, beyond chance
+        return upper, pooled, dispersion, "raised"
     if upper < shipped:  # enough cells to show it is cleaner than the shipped bound
         return upper, pooled, dispersion, "lowered"
     return shipped, pooled, dispersion, "kept"  # consistent with the shipped background, not precise enough to move it
@@ -110,13 +110,14 @@ def fit_rule(counts: list[Counts], shipped: RuleParams) -> tuple[RuleParams, flo
         if shipped.all_rate >= floor:
             return RuleParams(background=round(bg, 4), all_rate=shipped.all_rate, alpha=shipped.alpha), pooled, dispersion, "shipped", bg_how
         return RuleParams(background=round(bg, 4), all_rate=floor, alpha=shipped.alpha), pooled, dispersion, "raised", bg_how
-    best = floor
-    for a in np.arange(max(shipped.all_rate, floor), floor - 1e-9, -0.005):
-        params = RuleParams(background=round(bg, 4), all_rate=float(round(a, 4)), alpha=shipped.alpha)
-        if all(decide(c.n_blast_like, c.n_cells, params).call == "ALL" for c in alls):
-            best = float(round(a, 4))
-            break
-    return RuleParams(background=round(bg, 4), all_rate=max(best, floor), alpha=shipped.alpha), pooled, dispersion, "fitted", bg_how
+    # the highest ALL level (at most the shipped one) that calls the most of the lab's ALL patients ALL: lowered only
+    # where that gains ALL calls
+    levels = [float(round(a, 4)) for a in np.arange(max(shipped.all_rate, floor), floor - 1e-9, -0.005)]
+    hits = [sum(decide(c.n_blast_like, c.n_cells, RuleParams(background=round(bg, 4), all_rate=a, alpha=shipped.alpha)).call
+                == "ALL" for c in alls) for a in levels]
+    best = levels[hits.index(max(hits))]
+    how = "shipped" if best == max(shipped.all_rate, floor) and best == shipped.all_rate else "fitted"
+    return RuleParams(background=round(bg, 4), all_rate=best, alpha=shipped.alpha), pooled, dispersion, how, bg_how
 
 
 def fit_site(counts: list[Counts], shipped: RuleParams) -> SiteFit:

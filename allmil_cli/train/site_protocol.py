@@ -61,6 +61,7 @@ def run(repeats: int = REPEATS, recipe: str = "v2pbc", seed: int = 0) -> dict:
                   for n, lab, s, k in zip(names, y, d["scores"], fk)]
         base = [decide(c.n_blast_like, c.n_cells, fold_fits[k].params).call if c.n_cells else "review" for c, k in zip(counts, fk)]
         res = {"both": [], "normals": [], "none": []}
+        how: dict[str, int] = {}
         normals = [i for i, c in enumerate(counts) if c.label == 0 and c.n_cells]
         alls = [i for i, c in enumerate(counts) if c.label == 1 and c.n_cells]
         for _ in range(repeats):
@@ -69,6 +70,7 @@ def run(repeats: int = REPEATS, recipe: str = "v2pbc", seed: int = 0) -> dict:
             for mode, cal in (("both", cal_n + cal_a), ("normals", cal_n)):
                 shipped = fold_fits[int(np.bincount([fk[i] for i in cal], minlength=K).argmax())].params
                 fit = fit_site([counts[i] for i in cal], shipped)
+                how[f"{mode}: background {fit.background_how}"] = how.get(f"{mode}: background {fit.background_how}", 0) + 1
                 test = [i for i in range(len(counts)) if i not in set(cal_n + cal_a)]
                 calls = [decide(counts[i].n_blast_like, counts[i].n_cells, fit.params).call if counts[i].n_cells else "review"
                          for i in test]
@@ -77,6 +79,7 @@ def run(repeats: int = REPEATS, recipe: str = "v2pbc", seed: int = 0) -> dict:
                     res["none"].append(_summ([base[i] for i in test], [counts[i].label for i in test]))
         out[shift] = {m: {k: (float(np.mean([r[k] for r in v])), float(np.min([r[k] for r in v])), float(np.max([r[k] for r in v])))
                           for k in v[0]} for m, v in res.items()}
+        out[shift]["how"] = how
         # protocol 3 itself under the rule: every held-out patient of the shift, no profile
         full = _summ(base, [c.label for c in counts])
         out[shift]["protocol3"] = {**full, "n_all": sum(1 for c in counts if c.label == 1), "n_normal": sum(1 for c in counts if c.label == 0),
@@ -125,7 +128,9 @@ def markdown(res: dict, cmd: str, repeats: int) -> str:
                 txt += f", {f(d, 'all_as_normal')}"
             cells.append(txt)
         lines.append(f"| {shift} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + protocol3_table(res))
+    hows = "; ".join(f"{shift}: " + ", ".join(f"{k} {v}" for k, v in sorted(r["how"].items())) for shift, r in res.items())
+    lines += ["", f"How each draw's profile set the background (of {repeats} draws per mode): {hows}.", ""]
+    return "\n".join(lines + protocol3_table(res))
 
 
 def main(argv: list[str] | None = None) -> None:
