@@ -85,9 +85,10 @@ def _legacy_p(model, emb: np.ndarray, blank: np.ndarray) -> float:
 
 
 def run(reps: int = REPS, legacy_reps: int = LEGACY_REPS, recipe: str = "v2pbc", seed: int = 0,
-        variant: str | None = None) -> dict:
-    """``variant``: an embedder of ``embedder_ablation.VARIANTS`` (its ``heldout_<recipe>_<variant>.npz`` and fold models)."""
-    data = load(recipe, variant)
+        variant: str | None = None, model_seed: int = 0) -> dict:
+    """``variant``: an embedder of ``embedder_ablation.VARIANTS`` (its ``heldout_<recipe>_<variant>.npz`` and fold models);
+    ``model_seed``: the fold models' training seed (``heldout.py --seed``; the old rule is run for seed 0 only)."""
+    data = load(recipe, variant, seed=model_seed)
     groups_all = data["group"].astype(str)
     rng = np.random.default_rng(seed)
     grid: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -95,7 +96,7 @@ def run(reps: int = REPS, legacy_reps: int = LEGACY_REPS, recipe: str = "v2pbc",
     fields: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     fits = []
     P = None
-    if legacy_reps:
+    if legacy_reps and model_seed == 0:
         from allmil_cli.train.embedder_ablation import protocol2_for
 
         P = protocol2_for(recipe, variant, verbose=False)
@@ -280,10 +281,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/protocol4_results.md as it is")
     ap.add_argument("--variant", default=None, help="an embedder of embedder_ablation.VARIANTS (in160, in128, lite0): "
                     "its held-out file; writes targets_<recipe>_<variant>.json, never a doc")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[], help="also the fold models of these training seeds "
+                    "(python -m allmil_cli.train.heldout --seed N): the headline numbers' spread over seeds")
     a = ap.parse_args(argv)
     t0 = time.time()
     variant = None if a.variant in (None, "in224") else a.variant
     res = run(a.reps, a.legacy_reps, a.recipe, variant=variant)
+    spread = {0: headline(res)}
+    for s in a.seeds:
+        if s != 0:
+            spread[s] = headline(run(a.reps, 0, a.recipe, model_seed=s))
     cmd = "python -m allmil_cli.train.protocol4" + (f" --reps {a.reps}" if a.reps != REPS else "") + (
         f" --legacy-reps {a.legacy_reps}" if a.legacy_reps != LEGACY_REPS else "") + (
         f" --recipe {a.recipe}" if a.recipe != "v2pbc" else "") + (f" --variant {variant}" if variant else "")
