@@ -99,12 +99,16 @@ def _pool(fmap, pooling: str):
     if pooling != "center":
         return g
     h, w = fmap.shape[-2], fmap.shape[-1]
-    c = fmap[:, :, h // 2 - 1 : h // 2 + 2, w // 2 - 1 : w // 2 + 2].mean(dim=(2, 3))
+    # central 3x3 of an odd map (the 7x7 map of a 224 input: rows/cols 2..4, as ever), central 2x2 of an even one
+    # (the 4x4 map of a 128 input), so the window stays centred on the detected cell at any input size
+    kh, kw = (3 if h % 2 else 2), (3 if w % 2 else 2)
+    c = fmap[:, :, (h - kh) // 2 : (h - kh) // 2 + kh, (w - kw) // 2 : (w - kw) // 2 + kw].mean(dim=(2, 3))
     return torch.cat([g, c], dim=1)
 
 
 def build_backbone(name: str = DEFAULT_BACKBONE, weights_file: str | Path | None = None, pooling: str = "avg"):
-    """Frozen feature extractor ``Backbone``: [N,3,224,224] RGB 0..255 -> [N, feature_dim(name, pooling)]."""
+    """Frozen feature extractor ``Backbone``: [N,3,S,S] RGB 0..255 (S = 224 as shipped; the CNNs take any S, see
+    ``embedder_ablation.py``) -> [N, feature_dim(name, pooling)]."""
     import torch
     from torch import nn
 

@@ -13,7 +13,8 @@ from allmil_cli.train.mil import BAG_SIZE, EMB_DIM
 
 def export_onnx(backbone_name: str, head, agg, out_dir: Path, threshold: float, cell_threshold: float, combine: str,
                 weights_file: str | None = None, extra_meta: dict | None = None,
-                embedder_meta: dict | None = None) -> tuple[Path, Path]:
+                embedder_meta: dict | None = None, input_size: int = 224) -> tuple[Path, Path]:
+    """``input_size``: the embedder's crop side (224 as shipped; the embedder ablation exports 160 / 128 too)."""
     import onnx
     import torch
     from torch import nn
@@ -43,7 +44,7 @@ def export_onnx(backbone_name: str, head, agg, out_dir: Path, threshold: float, 
     emb_path, agg_path = out_dir / "embedder.onnx", out_dir / "aggregator.onnx"
     en, an = EmbedNet().eval(), AggExport().eval()
     with torch.no_grad():
-        torch.onnx.export(en, (torch.zeros(2, 3, 224, 224),), str(emb_path), input_names=["crops"], output_names=["features"],
+        torch.onnx.export(en, (torch.zeros(2, 3, input_size, input_size),), str(emb_path), input_names=["crops"], output_names=["features"],
                           dynamic_axes={"crops": {0: "N"}, "features": {0: "N"}}, opset_version=17, dynamo=False)
         torch.onnx.export(an, (torch.zeros(2, BAG_SIZE, EMB_DIM),), str(agg_path), input_names=["features"],
                           output_names=["p_all", "patient_vector"],
@@ -61,7 +62,7 @@ def export_onnx(backbone_name: str, head, agg, out_dir: Path, threshold: float, 
     from allmil_cli.train.backbones import split_spec
 
     bname, pooling = split_spec(backbone_name)
-    meta(emb_path, {"allmil.kind": "embedder", "allmil.backbone": bname, "allmil.pooling": pooling, "allmil.input_size": 224,
+    meta(emb_path, {"allmil.kind": "embedder", "allmil.backbone": bname, "allmil.pooling": pooling, "allmil.input_size": input_size,
                     "allmil.version": 1, **(embedder_meta or {})})
     am = {"allmil.kind": "aggregator", "allmil.bag_size": BAG_SIZE, "allmil.threshold": f"{threshold:.4f}",
           "allmil.cell_threshold": f"{cell_threshold:.4f}", "allmil.combine": combine, "allmil.version": 1}

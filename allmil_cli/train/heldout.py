@@ -31,8 +31,13 @@ OUT_DIR = REPO / ".cache" / "protocol4"
 K = 5  # protocol 2's folds
 
 
-def heldout_path(recipe: str = "v2pbc") -> Path:
-    return OUT_DIR / f"heldout_{recipe}.npz"
+def heldout_path(recipe: str = "v2pbc", variant: str | None = None, seed: int = 0) -> Path:
+    """``variant`` (``embedder_ablation.VARIANTS``, e.g. ``in160``): that embedder's file; None or ``in224`` = the shipped one's.
+    ``seed``: the fold models' training seed (``TrainConfig.seed``; 0 = the shipped models' seed)."""
+    tag = "" if seed == 0 else f"_seed{seed}"
+    if variant in (None, "in224"):
+        return OUT_DIR / f"heldout_{recipe}{tag}.npz"
+    return OUT_DIR / f"heldout_{recipe}_{variant}{tag}.npz"
 
 
 def extra_cells() -> tuple[list[Cell], list[str], list[str]]:
@@ -59,17 +64,26 @@ def extra_cells() -> tuple[list[Cell], list[str], list[str]]:
     return cells, groups, fields
 
 
-def build(recipe: str = "v2pbc") -> Path:
-    """Score every held-out cell with its fold model(s); see the module docstring."""
+def build(recipe: str = "v2pbc", variant: str | None = None, seed: int = 0) -> Path:
+    """Score every held-out cell with its fold model(s); see the module docstring. ``variant``: an embedder of
+    ``embedder_ablation.VARIANTS`` (its own features and fold models) instead of the shipped one."""
     from allmil_cli.train.augment import RECIPES
     from allmil_cli.train.features import feature_cache
     from allmil_cli.train.protocol2 import K, Protocol2
 
     t0 = time.time()
-    P = Protocol2(cells_source="gt", recipe=recipe)
+    if variant in (None, "in224"):
+        from allmil_cli.train.mil import TrainConfig
+
+        P, size = Protocol2(cells_source="gt", recipe=recipe, cfg=TrainConfig(seed=seed)), 224
+    else:
+        from allmil_cli.train.variants import VariantProtocol2
+
+        P = VariantProtocol2(variant, recipe)
+        size = P.input_size
     extra, extra_groups, extra_fields = extra_cells()
     rec0 = replace(RECIPES[recipe], n_aug=0)  # view 0 only: the exact inference crop
-    fx = feature_cache(P.backbone, 0, extra, recipe=rec0, tag="_heldout")["feats"][:, 0].astype(np.float32)
+    fx = feature_cache(P.backbone, 0, extra, recipe=rec0, tag="_heldout", input_size=size)["feats"][:, 0].astype(np.float32)
     print(f"held-out extra cells: {len(extra)} ({time.time() - t0:.0f}s)", flush=True)
     fold_l, group_l, field_l, score_l, emb_l, blanks = [], [], [], [], [], []
     for k in range(K):
@@ -88,7 +102,7 @@ def build(recipe: str = "v2pbc") -> Path:
         emb_l.append(emb.astype(np.float16))
         print(f"fold {k}: {len(idx)} ALL-IDB cells + {len(extra)} extra scored ({time.time() - t0:.0f}s)", flush=True)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out = heldout_path(recipe)
+    out = heldout_path(recipe, variant, seed)
     np.savez_compressed(out, fold=np.concatenate(fold_l), group=np.array(group_l), field=np.array(field_l),
                         score=np.concatenate(score_l), emb=np.concatenate(emb_l), blank=np.stack(blanks).astype(np.float32))
     print(f"wrote {out} in {time.time() - t0:.0f}s", flush=True)
@@ -109,12 +123,13 @@ def split(data: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     return scored_by_own & (p == k), scored_by_own & (p != k)
 
 
-def load(recipe: str = "v2pbc") -> dict[str, np.ndarray]:
+def load(recipe: str = "v2pbc", variant: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """The held-out cells; ``idb_normal`` split by context: ``idb_normal`` (healthy fields: what normal blood shows)
     and ``idb_normal_in_all`` (normal cells of ALL fields, whose crops often hold part of a neighbouring blast)."""
-    f = heldout_path(recipe)
+    f = heldout_path(recipe, variant, seed)
     if not f.exists():
-        raise SystemExit(f"{f} missing: run `python -m allmil_cli.train.heldout --recipe {recipe}` first (~25 min cold)")
+        v = f" --variant {variant}" if variant not in (None, "in224") else ""
+        raise SystemExit(f"{f} missing: run `python -m allmil_cli.train.heldout --recipe {recipe}{v}` first (~25 min cold)")
     z = np.load(f, allow_pickle=False)
     d = {k: z[k] for k in z.files}
     group = d["group"].astype(str)
@@ -126,8 +141,14 @@ def load(recipe: str = "v2pbc") -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m allmil_cli.train.heldout", description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="v2pbc")
+    ap.add_argument("--variant", default=None, help="an embedder of embedder_ablation.VARIANTS (in160, in128, lite0); "
+                    "writes heldout_<recipe>_<variant>.npz")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of the fold models (0: the shipped recipe's; others "
+                    "give heldout_<recipe>_seed<N>.npz, for the spread over seeds in protocol 4)")
     a = ap.parse_args(argv)
-    build(a.recipe)
+    if a.seed and a.variant not in (None, "in224"):
+        ap.error("--seed applies to the shipped embedder only")
+    build(a.recipe, a.variant, a.seed)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def run(reps: int = REPS, legacy_reps: int = LEGACY_REPS, recipe: str = "v2pbc",
     fits = []
     P = None
     if legacy_reps and model_seed == 0:
-        from allmil_cli.train.embedder_ablation import protocol2_for
+        from allmil_cli.train.variants import protocol2_for
 
         P = protocol2_for(recipe, variant, verbose=False)
     for k in range(K):
