@@ -84,3 +84,19 @@ def test_calls_and_parameters_are_validated():
     meta = RULE.to_meta()
     assert RuleParams.from_meta(meta) == RULE and RuleParams.from_meta({}) is None
     assert all(math.isfinite(float(v)) for v in meta.values())
+
+
+def test_excess_pvalue_matches_scipy_over_random_counts_without_importing_it():
+    """The stdlib tail sum equals scipy's exact test to 1e-6 relative, tiny p-values included."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n = int(rng.integers(1, 3000))
+        k = int(rng.integers(0, n + 1))
+        p = float(rng.choice([0.0182, 0.01, 0.05, 0.3, rng.random()]))
+        ref = binomtest(k, n, p, alternative="greater").pvalue if k else 1.0
+        assert excess_pvalue(k, n, p) == pytest.approx(ref, rel=1e-6, abs=1e-300)
+    code = "import sys; from allmil_cli.decision import decide, FALLBACK_RULE; decide(3, 40, FALLBACK_RULE); print('scipy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
