@@ -159,7 +159,7 @@ def measure_thumbnail(a: np.ndarray, factor: float, rbc_px: float | None = None,
     return FieldStats(size, sharpness=_sharpness(a, size / factor), measured=measured and bool(colours), **colours)
 
 
-#: Low end of the ruler (``docs/ruler.md``). Below ~30 px the redness (R - G) of red cells is carried by the JPEG
+#: Low end of the ruler (``docs/ruler.md``). Below ~40 px the redness (R - G) of red cells is carried by the JPEG
 #: chroma alone, stored at half resolution and quantised hardest: at 10-20 px red cells and JPEG quality 70 the
 #: redness mask of a pale field melts into one blob (or vanishes) and the ruler read up to 22x the size (ALL-IDB1);
 #: on a field crowded with blasts, Otsu's redness threshold can fall between the purple nuclei and the red cells, and
@@ -167,9 +167,10 @@ def measure_thumbnail(a: np.ndarray, factor: float, rbc_px: float | None = None,
 #: cells alone. So when a field may hold small cells (no larger than the thumbnail, or a redness reading below
 #: ``LOWRES_RBC_PX``, above ``SUSPECT_SIDE`` x the field's short side, or absent) the red cells are measured on
 #: luminance too (``_luma_mask``, in ruler units: x ``LUMA_RULER_SCALE``). Where that reads below ``LOWRES_RBC_PX``
-#: and the redness reads more than ``REDNESS_MAX`` x it (or nothing), the luminance reading is the ruler. Never
-#: triggered on a full-resolution ALL-IDB1, BCCD or PBC field (luminance readings >= 50 px): the models' calibration
-#: is untouched.
+#: and the redness reads more than ``REDNESS_MAX`` x it (or nothing), the luminance reading is the ruler. The
+#: full-resolution readings the models are calibrated on are untouched: the same on all 108 ALL-IDB1 and 364 BCCD
+#: fields and on 599 of 600 PBC images (the exception, a 366 px image whose red cells' wide pallor opens their rims,
+#: now reads 32 instead of 72 px: docs/ruler.md). Constants chosen on BCCD train+val and the PBC design half.
 LOWRES_RBC_PX = 40.0
 SUSPECT_SIDE = 0.2
 REDNESS_MAX = 1.25

@@ -80,6 +80,14 @@ def test_detections_carry_what_was_merged():
     assert after[0].merged_scores == (pytest.approx(before[1].score),)
     assert heatmap_detections(heat, meta, None, 160, 120, 1.0, 1.0) == heatmap_detections(
         heat, meta, None, 160, 120, 1.0, 1.0, DECODING)
+    close = np.zeros((30, 40), np.float32)
+    close[15, 15], close[15, 18], close[15, 28] = 0.9, 0.7, 0.6  # 3 and 13 cells (0.6 and 2.6 rbc) from the first
+    close[16, 18] = 0.7  # a flat top of two equal cells: one peak, not a merge
+    dets = heatmap_detections(close, meta, None, 160, 120, 1.0, 1.0)
+    assert [d.merged_scores for d in dets] == [(), (), ()]  # 3 cells apart is not closer than the 3-cell radius
+    close[15, 17], close[16, 17] = 0.7, 0.7
+    dets = heatmap_detections(close, meta, None, 160, 120, 1.0, 1.0)
+    assert len(dets) == 2 and dets[0].merged_scores == (pytest.approx(0.7),) and dets[1].merged_scores == ()
 
 
 def test_prepare_input_scale_and_padding():
@@ -172,3 +180,60 @@ def test_stain_extent_matches_its_first_version_on_real_and_random_fields():
             assert stain_extent(rgb, x, y, rbc) == _stain_extent_reference(rgb, x, y, rbc), (x, y, rbc)
             checked += 1
     assert checked == 450
+
+
+def _shrunk(rgb: np.ndarray, size: float, quality: int | None = None) -> np.ndarray:
+    from allmil_cli.scale import estimate_rbc_diameter
+    from allmil_cli.train.shifts import jpeg, rescale
+
+    small = rescale(rgb, size / estimate_rbc_diameter(rgb))
+    return jpeg(small, quality) if quality else small
+
+
+def test_example_fields_shrunk_to_20_px_count_each_cell_once():
+    """Every example field (BCCD), shrunk so its red cells are 20 px (and 14 px after JPEG 70), through the product
+    path (its ruler, the shipped detector): the same number of cells as at full size, none two closer than 0.7 red
+    cell (half a white cell)."""
+    sess = _session()
+    from allmil_cli.images import load_fields
+    from allmil_cli.scale import estimate_rbc_diameter, measure_field
+
+    from tests.conftest import EXAMPLES
+
+    for path in sorted(EXAMPLES.rglob("*.jpg")):
+        rgb = load_fields(path)[0][0].rgb
+        n_full = len(detect_cells(sess, rgb, estimate_rbc_diameter(rgb)))
+        for size, quality in ((20.0, None), (20.0, 70), (14.0, 70)):
+            small = _shrunk(rgb, size, quality)
+            dets = detect_cells(sess, small, measure_field(small).rbc_px)
+            assert len(dets) == n_full, (path.name, size, quality)
+            xy = np.asarray([(d.x, d.y) for d in dets]).reshape(-1, 2)
+            gaps = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1]) + np.eye(len(xy)) * 1e9
+            assert gaps.min(initial=1e9) > 0.7 * size, (path.name, size, quality)
+
+
+def test_lobed_cell_of_another_lab_shrunk_to_20_px():
+    """A PBC eosinophil (another hospital; the detector never saw PBC) shrunk so its red cells are 20 px gives two
+    heatmap maxima 0.6-1.0 red cell apart with no valley between them. The shipped decoding (one 0.6 red-cell radius)
+    keeps both; the valley test (``Decoding(merge_dist_rbc=1.0, valley=0.5, valley_far=1.0)``, measured but not shipped:
+    on held-out ALL-IDB1 it also merged touching blasts) makes them one cell that keeps the weaker one's score."""
+    sess = _session()
+    from allmil_cli.detect import Decoding, heatmap_detections, model_meta
+    from allmil_cli.scale import measure_field
+    from allmil_cli.train.data import load_rgb
+
+    path = DATA / "PBC" / "eosinophil" / "EO_114903.jpg"
+    if not path.exists():
+        pytest.skip("shared PBC data absent")
+    small = _shrunk(load_rgb(path), 20.0)
+    rbc = measure_field(small).rbc_px
+    x, sx, sy = prepare_input(small, rbc, 20.0)
+    heat = sess.run(None, {"image": x})[0][0, 0]
+    meta = model_meta(sess)
+    h, w = small.shape[:2]
+    shipped = heatmap_detections(heat, meta, None, w, h, sx, sy)
+    assert detect_cells(sess, small, rbc) == shipped and len(shipped) == 2
+    valley = heatmap_detections(heat, meta, None, w, h, sx, sy, Decoding(0.6, 1.0, 0.5, 1.0))
+    assert len(valley) == 1 and valley[0].score == max(d.score for d in shipped)
+    assert valley[0].merged_scores == (pytest.approx(min(d.score for d in shipped)),)
+    assert np.hypot(valley[0].x - w / 2, valley[0].y - h / 2) < 0.8 * rbc  # the centred cell

@@ -2,10 +2,12 @@
 ruler on fields shrunk or enlarged to known red-cell sizes.
 
 ``python -m allmil_cli.train.counting dups``: every field is resized so its red cells are 12, 14, 20, 30, 50 and
-85 px across (with and without JPEG quality 70, :mod:`allmil_cli.train.shifts`), then goes through the product
-path: ruler (:func:`allmil_cli.scale.measure_field` on the resized field) -> detector -> heatmap peaks, decoded
-twice from the same heatmap: with the shipped decoding before this change (``radius``: one suppression radius of
-0.6 red-cell diameter) and with the current one (``current``: :data:`allmil_cli.detect.DECODING`). Fields:
+85 px across, or left at full size (with and without JPEG quality 70, :mod:`allmil_cli.train.shifts`), then goes
+through the product path: ruler (:func:`allmil_cli.scale.measure_field` on the resized field) -> detector -> heatmap
+peaks, decoded twice from the same heatmap: the shipped decoding (``radius``: one suppression radius of 0.6 red-cell
+diameter) and the valley rule (``current``: ``counting_fields.VALLEY_RULE``, measured, not shipped). With ``--given``
+also with the ruler before this change (``before``) and with the known size given (``given``, as ``--cell-size``).
+Fields (:mod:`allmil_cli.train.counting_fields`):
 
 * ALL-IDB1, held out: each field with the detector of its protocol-2 fold (``.cache/folds/detector_fold{k}.onnx``,
   trained without it; folds from :func:`allmil_cli.train.protocol2.fields`). Ground truth: the blast centroids
@@ -29,8 +31,10 @@ Counts (all distances in red-cell diameters of the resized field, from its known
 
 ``python -m allmil_cli.train.counting design``: the same counts on the design fields only (BCCD train+val, PBC
 design half, ALL-IDB1 fields seen by their fold detector in training), for a sweep of decoding settings: where the
-decoding constants were chosen. ``... ruler``: the ruler's error per red-cell size, 6 to 260 px
-(``docs/ruler.md``). Results go to ``.cache/counting/``.
+decoding constants were compared (with pair statistics: distance and heatmap valley of every pair of peaks). ``...
+ruler``: the ruler's error per red-cell size, 6 to 260 px; ``... floor``: held-out blast recall per red-cell size, the
+``resolution`` QC floor (:mod:`allmil_cli.train.counting_ruler`, docs/ruler.md). Results go to ``.cache/counting/``;
+``... table FILE`` prints a saved result's tables.
 """
 
 from __future__ import annotations
@@ -38,140 +42,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from allmil_cli.detect import DECODING, Decoding, heatmap_detections, model_meta, prepare_input
 from allmil_cli.scale import measure_field
-from allmil_cli.train.data import load_rgb, read_bccd
-from allmil_cli.train.detector_labels import CACHE_DIR as LABELS_DIR
-from allmil_cli.train.detector_labels import REPO
-from allmil_cli.train.shifts import jpeg, rescale
-
-OUT = REPO / ".cache" / "counting"
-FOLD_DIR = REPO / ".cache" / "folds"
-WEIGHTS = REPO / "weights" / "detector.onnx"
-SIZES = (12.0, 14.0, 20.0, 30.0, 50.0, 85.0)
-QUALITIES = (None, 70)
-DUP_RBC = 0.7  #: half a white cell (1.3-1.5 red cells across): extra detections this close to a cell are duplicates
-MATCH_RBC = 0.8  #: a ground-truth cell is found by a detection this close (docs/detector_results.md, protocol 3)
-#: The decoding shipped before this change: one greedy suppression radius of 0.6 red-cell diameter.
-RADIUS_ONLY = Decoding(min_dist_rbc=0.6, merge_dist_rbc=0.0, valley=1.0)
-PBC_PER_TYPE = {"lymphocyte": 60, "monocyte": 40, "neutrophil": 40, "eosinophil": 40, "basophil": 40, "ig": 40,
-                "erythroblast": 40}
-
-
-@dataclass
-class Case:
-    """One field to resize: where it is, its known red-cell size (px at full resolution), its ground truth."""
-
-    name: str
-    path: Path
-    rbc: float
-    cells: np.ndarray  # (N, 2) every ground-truth white cell (full-resolution px)
-    blasts: np.ndarray  # (M, 2) the blasts among them
-    detector: Path
-    source: str
-
-
-def _session(path: Path):
-    from allmil_cli.train.detector_model import _session as open_session
-
-    return open_session(path)
-
-
-# ------------------------------------------------------------------------------------------- field sets
-def idb1_cases(which: str = "heldout") -> list[Case]:
-    """ALL-IDB1 fields with their fold detector: ``heldout`` (the fold that never saw the field) or ``train`` (the
-    next fold's detector, which trained on it: design data)."""
-    from allmil_cli.train.protocol2 import K, fields
-
-    index = json.loads((LABELS_DIR / "index.json").read_text())["idb1"]
-    recs, folds = fields()
-    out = []
-    for rec, k in zip(recs, folds):
-        info = index[rec.name]
-        normals = np.asarray(info["normals"], np.float64).reshape(-1, 2)
-        blasts = rec.blasts.astype(np.float64).reshape(-1, 2)
-        kk = k if which == "heldout" else (k + 1) % K
-        out.append(Case(rec.name, rec.path, float(info["rbc_px"]), np.concatenate([blasts, normals]), blasts,
-                        FOLD_DIR / f"detector_fold{kk}.onnx", "ALL-IDB1"))
-    return out
-
-
-def bccd_camera_rbc() -> float:
-    """The known red-cell size of every BCCD field (one camera): the median ruler reading over train+val."""
-    f = OUT / "bccd_camera_rbc.json"
-    if f.exists():
-        return float(json.loads(f.read_text())["rbc_px"])
-    from allmil_cli.scale import estimate_rbc_diameter
-
-    v = float(np.median([estimate_rbc_diameter(load_rgb(r.path)) for r in read_bccd() if r.split != "test"]))
-    OUT.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"rbc_px": v, "fields": "BCCD train+val"}))
-    return v
-
-
-def bccd_cases(split: str = "test") -> list[Case]:
-    """BCCD fields of ``split`` (``test``, or ``trainval``: design data) with the shipped detector."""
-    rbc = bccd_camera_rbc()
-    out = []
-    for r in read_bccd():
-        if (r.split == "test") != (split == "test"):
-            continue
-        b = r.boxes.get("WBC", np.zeros((0, 4), np.float32)).astype(np.float64)
-        c = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1).reshape(-1, 2)
-        out.append(Case(r.name, r.path, rbc, c, np.zeros((0, 2)), WEIGHTS, "BCCD"))
-    return out
-
-
-def pbc_paths(half: str) -> list[Path]:
-    """PBC images split by sorted position within each type: even -> ``design``, odd -> ``report``; up to
-    ``PBC_PER_TYPE`` each (PBC has no donor ids: a split by image)."""
-    from allmil_cli.train.data import DEFAULT_DATA_ROOT
-
-    out = []
-    for kind, n in PBC_PER_TYPE.items():
-        files = sorted((DEFAULT_DATA_ROOT / "PBC" / kind).glob("*.jpg"))
-        files = files[0::2] if half == "design" else files[1::2]
-        step = max(1, len(files) // n)
-        out += files[::step][:n]
-    return out
-
-
-def pbc_camera_rbc() -> float:
-    f = OUT / "pbc_camera_rbc.json"
-    if f.exists():
-        return float(json.loads(f.read_text())["rbc_px"])
-    from allmil_cli.scale import estimate_rbc_diameter
-
-    v = float(np.median([estimate_rbc_diameter(load_rgb(p)) for p in pbc_paths("design")]))
-    OUT.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"rbc_px": v, "fields": "PBC design half"}))
-    return v
-
-
-def pbc_cases(half: str = "report") -> list[Case]:
-    rbc = pbc_camera_rbc()
-    out = []
-    for p in pbc_paths(half):
-        h, w = load_rgb(p).shape[:2]  # one centred white cell per image
-        out.append(Case(p.stem, p, rbc, np.array([[w / 2.0, h / 2.0]]), np.zeros((0, 2)), WEIGHTS, "PBC"))
-    return out
+from allmil_cli.train.counting_fields import (
+    DUP_RBC, FULL, MATCH_RBC, OUT, QUALITIES, RADIUS_ONLY, SIZES, VALLEY_RULE, Case, _session, bccd_cases, idb1_cases,
+    load_rgb, pbc_cases, redness_reading, resize_to,
+)
 
 
 # ------------------------------------------------------------------------------------------- counting
-def resize_to(rgb: np.ndarray, known_rbc: float, size: float, quality: int | None) -> tuple[np.ndarray, float]:
-    """The field resized so its red cells are ``size`` px (``known_rbc`` at full resolution), then JPEG at
-    ``quality`` (None: none). Returns the image and the factor."""
-    f = size / known_rbc
-    img = rgb if abs(f - 1.0) < 1e-6 else rescale(rgb, f)
-    return (jpeg(img, quality) if quality else img), f
-
-
 def count(det: np.ndarray, cells: np.ndarray, blasts: np.ndarray, rbc: float) -> dict[str, int]:
     """Counts of one field: ``det`` (K, 3) x, y, score; ground truth in the same pixels; ``rbc`` its known size."""
     out = {"det": len(det), "dup": 0, "near": 0, "cells": len(cells), "cells_found": 0, "blasts": len(blasts),
@@ -212,12 +95,12 @@ def _key(source: str, size: float, quality: int | None, ruler: str, decoding: st
 
 def run(cases: list[Case], sizes=SIZES, qualities=QUALITIES, decodings: dict[str, Decoding] | None = None,
         given_ruler: bool = False, verbose: bool = True, tally: dict | None = None,
-        threshold: float | None = None) -> dict:
+        threshold: float | None = None, pairs: list | None = None) -> dict:
     """Counts per (source, size, JPEG quality, ruler, decoding), summed over ``cases``.
 
     ``ruler``: ``auto`` (the product's: measured on the resized field) and, with ``given_ruler``, ``given`` (the
     known size passed as ``--cell-size`` would)."""
-    decodings = decodings or {"radius": RADIUS_ONLY, "current": DECODING}
+    decodings = decodings or {"radius": DECODING, "current": VALLEY_RULE}
     tally = {} if tally is None else tally
     sessions: dict[Path, object] = {}
     t0 = time.time()
@@ -233,22 +116,57 @@ def run(cases: list[Case], sizes=SIZES, qualities=QUALITIES, decodings: dict[str
                 rulers = {"auto": measure_field(img).rbc_px}
                 if given_ruler:
                     rulers["given"] = case.rbc * f
+                    rulers["before"] = redness_reading(img)[0]  # the ruler before this change
                 h, w = img.shape[:2]
                 for rname, rbc_px in rulers.items():
                     x, sx, sy = prepare_input(img, rbc_px, meta["canonical_rbc_px"])
                     heat = sess.run(None, {sess.get_inputs()[0].name: x})[0][0, 0]
+                    if pairs is not None and rname == "auto":
+                        pairs.extend(_pairs(heat, meta, threshold, w, h, sx, sy, case.cells * f, size,
+                                            f"{case.source}|{size:g}|{q or 0}"))
                     for dname, dec in decodings.items():
                         dets = heatmap_detections(heat, meta, threshold, w, h, sx, sy, decoding=dec)
                         det = np.asarray([(d.x, d.y, d.score) for d in dets], np.float64).reshape(-1, 3)
-                        c = count(det, case.cells * f, case.blasts * f, size)
+                        c = count(det, case.cells * f, case.blasts * f, case.rbc * f)
                         c["merged"] = int(sum(len(d.merged_scores) for d in dets))
                         _add(tally, _key(case.source, size, q, rname, dname), c)
                     if rname == "auto":
                         t = tally.setdefault(_key(case.source, size, q, "auto", "ruler"), {"ratios": []})
-                        t["ratios"].append(rbc_px / size)
+                        t["ratios"].append(rbc_px / (case.rbc * f))
         if verbose and (i + 1) % 10 == 0:
             print(f"  {case.source}: {i + 1}/{len(cases)} fields, {time.time() - t0:.0f}s", flush=True)
     return tally
+
+
+def _pairs(heat, meta, threshold, w, h, sx, sy, cells: np.ndarray, rbc: float, tag: str) -> list[tuple]:
+    """Every pair of heatmap peaks (radius-only decoding) within 1.2 red cells of each other: (tag, distance in red cells
+    at the detector's scale, lowest heatmap on the line between / the weaker score, label) where label is ``dup`` (both
+    nearest to the same ground-truth cell), ``two`` (nearest to two different cells, each within 0.8) or ``other``."""
+    from allmil_cli.detect import _ridge, decode_heatmap
+
+    thr = meta["threshold"] if threshold is None else float(threshold)
+    per_rbc = meta["canonical_rbc_px"] / meta["stride"]
+    pk = decode_heatmap(heat, thr, RADIUS_ONLY.min_dist_rbc * per_rbc)
+    out = []
+    if len(pk) < 2:
+        return out
+    xy = np.stack([pk[:, 0] * meta["stride"] / sx, pk[:, 1] * meta["stride"] / sy], 1)
+    for i in range(1, len(pk)):
+        for j in range(i):
+            d = float(np.hypot(pk[i, 0] - pk[j, 0], pk[i, 1] - pk[j, 1])) / per_rbc
+            if d > 1.2:
+                continue
+            ratio = _ridge(heat, pk[j, 0], pk[j, 1], pk[i, 0], pk[i, 1]) / float(pk[i, 2])
+            label = "other"
+            if len(cells):
+                dd = np.hypot(xy[[i, j], None, 0] - cells[None, :, 0], xy[[i, j], None, 1] - cells[None, :, 1])
+                a, b = dd.argmin(1)
+                if a == b and dd[0, a] <= DUP_RBC * rbc and dd[1, b] <= DUP_RBC * rbc:
+                    label = "dup"
+                elif a != b and dd[0, a] <= MATCH_RBC * rbc and dd[1, b] <= MATCH_RBC * rbc:
+                    label = "two"
+            out.append((tag, round(d, 3), round(ratio, 3), label))
+    return out
 
 
 def summary(t: dict) -> dict[str, float]:
@@ -264,179 +182,43 @@ def _fmt(x: float, nd: int = 1) -> str:
     return "-" if x != x else f"{x:.{nd}f}"
 
 
-def dup_table(tally: dict, source: str, ruler: str = "auto", sizes=SIZES) -> list[str]:
-    lines = ["| red cells | JPEG | detections (before / after) | duplicates % before -> after | near a stronger detection % "
+def dup_table(tally: dict, source: str, ruler: str = "auto", sizes=(FULL,) + SIZES, before_ruler: str | None = None) -> list[str]:
+    """Before (``before_ruler`` or ``ruler``, radius-only decoding) -> after (``ruler``, current decoding)."""
+    lines = ["| red cells (px) | JPEG | detections (before / after) | duplicates % before -> after | near a stronger detection % "
              "before -> after | blasts detected % before -> after | WBCs detected % before -> after | ruler reads (median x known) |",
              "|---|---|---|---|---|---|---|---|"]
     for size in sizes:
         for q in QUALITIES:
-            a, b = tally.get(_key(source, size, q, ruler, "radius")), tally.get(_key(source, size, q, ruler, "current"))
+            a = tally.get(_key(source, size, q, before_ruler or ruler, "radius"))
+            b = tally.get(_key(source, size, q, ruler, "current"))
             if not a or not b:
                 continue
             sa, sb = summary(a), summary(b)
             r = tally.get(_key(source, size, q, "auto", "ruler"), {}).get("ratios", [])
-            lines.append(f"| {size:g} px | {q or '-'} | {sa['det']} / {sb['det']} | {_fmt(sa['dup_pct'])} -> **{_fmt(sb['dup_pct'])}** | "
+            lines.append(f"| {'full size' if size == FULL else f'{size:g}'} | {q or '-'} | {sa['det']} / {sb['det']} | {_fmt(sa['dup_pct'])} -> **{_fmt(sb['dup_pct'])}** | "
                          f"{_fmt(sa['near_pct'])} -> {_fmt(sb['near_pct'])} | {_fmt(sa['blast_pct'])} -> **{_fmt(sb['blast_pct'])}** | "
                          f"{_fmt(sa['cell_pct'])} -> {_fmt(sb['cell_pct'])} | {_fmt(float(np.median(r)), 2) if r else '-'} |")
     return lines
 
 
-# ------------------------------------------------------------------------------------------- ruler
-RULER_SIZES = (6.0, 8.0, 9.0, 10.0, 12.0, 14.0, 16.0, 20.0, 30.0, 50.0, 85.0, 130.0, 180.0, 260.0)
-#: Largest field side the ruler test makes: an enlarged field is cut to its centre first (a camera at a higher
-#: magnification sees a smaller part of the smear), so no field grows beyond a 2592 x 1944 sensor.
-MAX_SIDE = 2592
-
-
-def ruler_field(rgb: np.ndarray, known: float, size: float, quality: int | None) -> np.ndarray:
-    f = size / known
-    h, w = rgb.shape[:2]
-    if f > 1.0:
-        cw, ch = min(w, int(MAX_SIDE / f)), min(h, int(MAX_SIDE * 0.75 / f))
-        x0, y0 = (w - cw) // 2, (h - ch) // 2
-        rgb = rgb[y0 : y0 + ch, x0 : x0 + cw]
-    img = rgb if abs(f - 1.0) < 1e-6 else rescale(rgb, f)
-    return jpeg(img, quality) if quality else img
-
-
-def redness_reading(rgb: np.ndarray) -> tuple[float, bool]:
-    """The ruler before this change (and still the reading of every full-resolution field): the redness mask of the
-    512 px thumbnail only."""
-    from allmil_cli.scale import DEFAULT_RBC_PX, _otsu, _ruler, fill_holes, open_cross, thumbnail
-
-    a, factor = thumbnail(rgb)
-    redness = np.clip((a[..., 0] - a[..., 1]) * 2.0 + 128.0, 0.0, 255.0)
-    v = None if float(redness.max() - redness.min()) < 8.0 else _ruler(fill_holes(open_cross(redness > _otsu(redness))), factor)
-    return (DEFAULT_RBC_PX, False) if v is None else (v, True)
-
-
-def current_reading(rgb: np.ndarray) -> tuple[float, bool]:
-    s = measure_field(rgb)
-    return s.rbc_px, s.measured
-
-
-def run_ruler(sets: dict[str, list[tuple[Path, float | None]]], sizes=RULER_SIZES, qualities=QUALITIES,
-              verbose: bool = True) -> dict:
-    """Per set, known size (``own``: the field's full-resolution reading; ``camera``: its camera's), red-cell size and
-    JPEG quality: each field's reading / known size, by the ruler before this change (``before``) and now
-    (``after``). NaN: unmeasured (the ``ruler`` QC flag). ``sets``: name -> (path, camera size) pairs."""
-    out: dict = {}
-    t0 = time.time()
-    for name, items in sets.items():
-        res = out.setdefault(name, {"native_before": [], "native_after": [], "camera": [], "reads": {}})
-        for i, (path, camera) in enumerate(items):
-            rgb = load_rgb(path)
-            native, _ = redness_reading(rgb)
-            res["native_before"].append(native)
-            res["native_after"].append(current_reading(rgb)[0])
-            res["camera"].append(camera)
-            for truth, known in (("own", native), ("camera", camera)):
-                if not known:
-                    continue
-                for size in sizes:
-                    for q in qualities:
-                        img = ruler_field(rgb, known, size, q)
-                        for est_name, est in (("before", redness_reading), ("after", current_reading)):
-                            v, ok = est(img)
-                            res["reads"].setdefault(f"{size:g}|{q or 0}|{truth}|{est_name}", []).append(v / size if ok else float("nan"))
-            if verbose and (i + 1) % 20 == 0:
-                print(f"  ruler {name}: {i + 1}/{len(items)} fields, {time.time() - t0:.0f}s", flush=True)
-    return out
-
-
-def ruler_sets(design: bool = False) -> dict[str, list[tuple[Path, float | None]]]:
-    """Report sets: ALL-IDB1 (camera size: the median full-resolution reading of the fields of its image size), BCCD
-    test (the BCCD train+val median), PBC report half (every 2nd; the PBC design-half median)."""
-    from allmil_cli.train.data import read_all_idb1
-
-    if design:
-        return {"BCCD train+val": [(r.path, bccd_camera_rbc()) for r in read_bccd() if r.split != "test"][::2],
-                "PBC design": [(p, pbc_camera_rbc()) for p in pbc_paths("design")][::2]}
-    index = json.loads((LABELS_DIR / "index.json").read_text())["idb1"]
-    recs = read_all_idb1()
-    from PIL import Image
-
-    size_of = {r.name: Image.open(r.path).size for r in recs}
-    groups: dict[tuple[int, int], list[float]] = {}
-    for r in recs:
-        groups.setdefault(size_of[r.name], []).append(float(index[r.name]["rbc_px"]))
-    camera = {k: float(np.median(v)) for k, v in groups.items()}
-    return {"ALL-IDB1": [(r.path, camera[size_of[r.name]]) for r in recs],
-            "BCCD test": [(r.path, bccd_camera_rbc()) for r in read_bccd() if r.split == "test"],
-            "PBC report": [(p, pbc_camera_rbc()) for p in pbc_paths("report")][::2]}
-
-
-def ruler_table(res: dict, truth: str, sizes=RULER_SIZES) -> list[str]:
-    """Median |error| % / 90th percentile |error| % per size, set and JPEG setting, before -> after this change
-    (unmeasured fields, which raise the ``ruler`` flag, in brackets)."""
-    names = list(res)
-    lines = ["| red cells | " + " | ".join(f"{n} | {n}, JPEG 70" for n in names) + " |",
-             "|---" * (1 + 2 * len(names)) + "|"]
-
-    def cell(v: np.ndarray) -> str:
-        if len(v) == 0:
-            return "-"
-        e = np.abs(v[np.isfinite(v)] - 1.0) * 100.0
-        miss = int((~np.isfinite(v)).sum())
-        return (f"{np.median(e):.0f} / {np.percentile(e, 90):.0f}" if len(e) else "-") + (f" ({miss})" if miss else "")
-
+def three_way_table(tally: dict, source: str, sizes=(FULL,) + SIZES) -> list[str]:
+    """Before (ruler and decoding before this change) -> now (the ruler now, the shipped radius decoding) | the valley
+    rule (measured, not shipped: the ``current`` decoding of a run made while it was set): duplicates %, blasts (BCCD
+    and PBC: white cells) detected %, detections."""
+    what = "blasts" if source == "ALL-IDB1" else "WBCs"
+    lines = [f"| red cells (px) | JPEG | duplicates % before -> now (valley rule) | {what} detected % before -> now (valley rule) | "
+             "detections before -> now (valley rule) |", "|---|---|---|---|---|"]
     for size in sizes:
-        row = [f"{size:g} px"]
-        for n in names:
-            for q in QUALITIES:
-                b = np.asarray(res[n]["reads"].get(f"{size:g}|{q or 0}|{truth}|before", []), np.float64)
-                a = np.asarray(res[n]["reads"].get(f"{size:g}|{q or 0}|{truth}|after", []), np.float64)
-                row.append("-" if len(a) == 0 else f"{cell(b)} -> **{cell(a)}**")
-        lines.append("| " + " | ".join(row) + " |")
+        for q in QUALITIES:
+            t = [tally.get(_key(source, size, q, r, d)) for r, d in (("before", "radius"), ("auto", "radius"), ("auto", "current"))]
+            if not all(t):
+                continue
+            m = [summary(x) for x in t]
+            det = "blast_pct" if source == "ALL-IDB1" else "cell_pct"
+            lines.append(f"| {'full size' if size == FULL else f'{size:g}'} | {q or '-'} | {_fmt(m[0]['dup_pct'])} -> **{_fmt(m[1]['dup_pct'])}** "
+                         f"({_fmt(m[2]['dup_pct'])}) | {_fmt(m[0][det])} -> **{_fmt(m[1][det])}** ({_fmt(m[2][det])}) | "
+                         f"{m[0]['det']} -> {m[1]['det']} ({m[2]['det']}) |")
     return lines
-
-
-# ------------------------------------------------------------------------------------------- floor
-FLOOR_SIZES = (8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 16.0, 18.0, 20.0, 30.0)
-FLOOR_TARGET = 0.90  #: the smallest red cells at which held-out blast recall stays at or above this
-
-
-def floor_shifts(sizes=FLOOR_SIZES, qualities=QUALITIES):
-    """Protocol-3 style resolution shifts: the field resized so its red cells are ``size`` px, then JPEG or not."""
-    from allmil_cli.train.shifts import Shift
-
-    def make(size: float, q: int | None):
-        def apply(rgb: np.ndarray, rbc: float) -> tuple[np.ndarray, float]:
-            img, f = resize_to(rgb, rbc, size, q)
-            return img, f
-        return apply
-
-    return [Shift(f"res{size:g}" + (f"+jpeg{q}" if q else ""), "resolution", make(size, q)) for size in sizes for q in qualities]
-
-
-def run_floor(recipe: str = "v2pbc", sizes=FLOOR_SIZES, limit: int | None = None) -> dict:
-    """Held-out blast recall per red-cell size through the product path with the fold models of ``recipe``
-    (:func:`allmil_cli.train.protocol3.run_fields`): blasts detected, and detected and scored blast-like."""
-    from allmil_cli.train.protocol3 import run_fields, summarise
-
-    tally = run_fields([recipe], shifts=floor_shifts(sizes), limit=limit)
-    out = {}
-    for name, d in tally[recipe].items():
-        m = summarise(d)
-        out[name] = {"blast_detected": m["blast_detected"], "blast_recall": m["blast_recall"],
-                     "blast_recall_shipped": m["blast_recall_shipped"], "blasts": d["blasts"],
-                     "sensitivity": m["sensitivity"], "specificity": m["specificity"], "cells_median": m["cells_median"]}
-    return out
-
-
-def floor_of(res: dict, key: str = "blast_recall", target: float = FLOOR_TARGET) -> dict[str, float | None]:
-    """Per JPEG setting, the smallest measured size from which ``key`` stays >= ``target`` at every larger size."""
-    out: dict[str, float | None] = {}
-    for q in QUALITIES:
-        suffix = f"+jpeg{q}" if q else ""
-        rows = sorted((float(n[3:].split("+")[0]), v[key]) for n, v in res.items() if n.endswith(suffix) and ("+" in n) == bool(q))
-        ok = None
-        for size, v in reversed(rows):
-            if v < target:
-                break
-            ok = size
-        out[f"jpeg{q}" if q else "none"] = ok
-    return out
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -453,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("dups", help="duplicates and blast detection per red-cell size (held-out / test fields)")
     p.add_argument("--sources", nargs="+", default=["idb1", "bccd", "pbc"], choices=["idb1", "bccd", "pbc"])
     p.add_argument("--limit", type=int, default=None, help="first N fields per source (a quick look; not a result)")
-    p.add_argument("--given", action="store_true", help="also run with the known red-cell size given (--cell-size)")
+    p.add_argument("--given", action="store_true", help="also run with the known red-cell size given (--cell-size) "
+                   "and with the ruler before this change")
     p.add_argument("--out", default="dups.json")
     p = sub.add_parser("design", help="the same counts on design fields, for a sweep of decoding settings")
     p.add_argument("--limit", type=int, default=None)
@@ -472,13 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         for s in a.sources:
             c = {"idb1": idb1_cases, "bccd": bccd_cases, "pbc": pbc_cases}[s]()
             cases += c[: a.limit] if a.limit else c
-        tally = run(cases, given_ruler=a.given)
-        f = _save(a.out, {"tally": tally, "decoding": DECODING.__dict__, "limit": a.limit})
+        tally = run(cases, sizes=(FULL,) + SIZES, given_ruler=a.given, decodings={"radius": DECODING, "current": VALLEY_RULE})
+        f = _save(a.out, {"tally": tally, "decoding": {"radius": DECODING.__dict__, "current": VALLEY_RULE.__dict__}, "limit": a.limit})
         _print_dups(tally, a.given)
         print(f"-> {f}")
     elif a.cmd == "design":
         _design(a.limit)
     elif a.cmd == "ruler":
+        from allmil_cli.train.counting_ruler import _print_ruler, ruler_sets, run_ruler
+
         sets = ruler_sets(a.design)
         if a.limit:
             sets = {k: v[: a.limit] for k, v in sets.items()}
@@ -489,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "floor":
         import torch
 
+        from allmil_cli.train.counting_ruler import _print_floor, run_floor
+
         torch.set_num_threads(1)
         res = run_floor(a.recipe, limit=a.limit)
         f = _save("floor.json" if not a.limit else "floor_limit.json", {"recipe": a.recipe, "by_shift": res})
@@ -498,42 +285,39 @@ def main(argv: list[str] | None = None) -> int:
         obj = json.loads(Path(a.file).read_text())
         if "tally" in obj:
             _print_dups(obj["tally"], True)
+            for src in ("ALL-IDB1", "BCCD", "PBC"):
+                print(f"\n{src}\n" + "\n".join(three_way_table(obj["tally"], src)))
         else:
+            from allmil_cli.train.counting_ruler import _print_ruler
+
             _print_ruler(obj)
     return 0
 
 
-def _print_floor(res: dict) -> None:
-    print("| red cells | JPEG | blasts detected % | blast recall % (detected and scored >= 0.5) | at the shipped cell threshold | "
-          "sensitivity % | specificity % | cells/field |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, v in res.items():
-        size, _, q = name[3:].partition("+jpeg")
-        print(f"| {size} px | {q or '-'} | {100 * v['blast_detected']:.1f} | {100 * v['blast_recall']:.1f} | "
-              f"{100 * v['blast_recall_shipped']:.1f} | {100 * v['sensitivity']:.1f} | {100 * v['specificity']:.1f} | {v['cells_median']:.0f} |")
-    print("floor (blast recall >= 90 % from there up):", floor_of(res), "; on detection alone:", floor_of(res, "blast_detected"))
-
-
 def _print_dups(tally: dict, given: bool) -> None:
     for src in ("ALL-IDB1", "BCCD", "PBC"):
-        for ruler in ("auto", "given") if given else ("auto",):
-            if any(k.startswith(src + "|") and f"|{ruler}|" in k for k in tally):
-                print(f"\n{src}, ruler {ruler}")
-                print("\n".join(dup_table(tally, src, ruler)))
-
-
-def _print_ruler(res: dict) -> None:
-    for truth in ("own", "camera"):
-        print(f"\nknown size: {truth}; median / 90th percentile |error| %")
-        print("\n".join(ruler_table(res, truth)))
+        if not any(k.startswith(src + "|") for k in tally):
+            continue
+        if given:
+            print(f"\n{src}: before = ruler and decoding before this change; after = both now")
+            print("\n".join(dup_table(tally, src, "auto", before_ruler="before")))
+            print(f"\n{src}: the ruler now, decoding before -> now")
+            print("\n".join(dup_table(tally, src, "auto")))
+            print(f"\n{src}: the known size given (--cell-size), decoding before -> now")
+            print("\n".join(dup_table(tally, src, "given")))
+        else:
+            print(f"\n{src}, the ruler now, decoding before -> now")
+            print("\n".join(dup_table(tally, src, "auto")))
 
 
 def design_sweep() -> dict[str, Decoding]:
     """The decoding settings compared on the design fields."""
-    out = {"radius": RADIUS_ONLY, "radius0.8": Decoding(0.8, 0.0, 1.0), "radius1.0": Decoding(1.0, 0.0, 1.0)}
+    out = {"radius": RADIUS_ONLY, "radius0.7": Decoding(0.7, 0.0, 1.0), "radius0.8": Decoding(0.8, 0.0, 1.0)}
     for v in (0.5, 0.6, 0.7, 0.8):
-        for m in (1.0, 1.2):
-            out[f"valley{v}@{m}"] = Decoding(0.6, m, v)
+        out[f"valley{v}@1.0"] = Decoding(0.6, 1.0, v)
+    for near, far, reach in ((0.3, 0.9, 1.0), (0.4, 0.9, 1.0), (0.5, 0.9, 1.0), (0.4, 1.0, 1.0), (0.5, 1.0, 1.0),
+                             (0.3, 0.8, 0.9), (0.4, 0.8, 0.9), (0.5, 0.8, 0.9), (0.4, 0.9, 1.1), (0.5, 0.9, 1.1)):
+        out[f"valley{near}-{far}@{reach}"] = Decoding(0.6, reach, near, far)
     out["current"] = DECODING
     return out
 
@@ -545,8 +329,9 @@ def _design(limit: int | None) -> None:
     if limit:
         cases = cases[:limit]
     sweep = design_sweep()
-    tally = run(cases, decodings=sweep)
-    _save("design.json", {"tally": tally, "sweep": {k: v.__dict__ for k, v in sweep.items()}})
+    pairs: list = []
+    tally = run(cases, decodings=sweep, pairs=pairs)
+    _save("design.json", {"tally": tally, "sweep": {k: v.__dict__ for k, v in sweep.items()}, "pairs": pairs})
     for src in ("ALL-IDB1", "BCCD", "PBC"):
         print(f"\n{src} (design fields): duplicates % / blasts (or WBCs) detected %, per decoding")
         print("| decoding | " + " | ".join(f"{s:g}{'j' if q else ''}" for s in SIZES for q in QUALITIES) + " |")
