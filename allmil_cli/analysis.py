@@ -76,7 +76,8 @@ class FieldAnalyser:
         fld.release()
         self.timer.add("detect", t)
         cells = [
-            Cell(image=fld.label, x=float(d.x), y=float(d.y), box=cell_box(rgb, d.x, d.y, rbc_px), det_score=float(d.score))
+            Cell(image=fld.label, x=float(d.x), y=float(d.y), box=cell_box(rgb, d.x, d.y, rbc_px), det_score=float(d.score),
+                 merged_scores=tuple(float(m) for m in d.merged_scores))
             for d in dets
         ]
         return cells, stats

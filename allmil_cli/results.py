@@ -67,6 +67,7 @@ class Cell:
     box: tuple[float, float, float, float]
     det_score: float
     blast_score: float = float("nan")
+    merged_scores: tuple[float, ...] = ()  # detector scores of weaker heatmap peaks taken as this same cell
     removed: bool = False
 
 

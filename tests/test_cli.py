@@ -53,6 +53,10 @@ def test_diagnose_examples_writes_csv_and_json(patients_dir, tiny_weights, tmp_p
     cell = doc["patients"][0]["cells"][0]
     x0, y0, x1, y1 = cell["box"]
     assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480 and 0 <= cell["blast_score"] <= 1
+    # every detection's score is kept: a cell lists the weaker heatmap peaks merged into it (each below its own score)
+    for p in doc["patients"]:
+        for c in p["cells"]:
+            assert all(0 < m <= c["det_score"] for m in c["merged_scores"])
     assert len(doc["patients"][1]["images"]) == 5
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
