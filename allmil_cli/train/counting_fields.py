@@ -73,17 +73,22 @@ def idb1_cases(which: str = "heldout") -> list[Case]:
     return out
 
 
-def bccd_camera_rbc() -> float:
-    """The known red-cell size of every BCCD field (one camera): the median ruler reading over train+val."""
-    f = OUT / "bccd_camera_rbc.json"
+def _camera_rbc(name: str, paths, what: str) -> float:
+    """The known red-cell size of one camera: the median ruler reading over ``paths`` (design fields), cached."""
+    f = OUT / f"{name}_camera_rbc.json"
     if f.exists():
         return float(json.loads(f.read_text())["rbc_px"])
     from allmil_cli.scale import estimate_rbc_diameter
 
-    v = float(np.median([estimate_rbc_diameter(load_rgb(r.path)) for r in read_bccd() if r.split != "test"]))
+    v = float(np.median([estimate_rbc_diameter(load_rgb(p)) for p in paths]))
     OUT.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"rbc_px": v, "fields": "BCCD train+val"}))
+    f.write_text(json.dumps({"rbc_px": v, "fields": what}))
     return v
+
+
+def bccd_camera_rbc() -> float:
+    """The known red-cell size of every BCCD field (one camera): the median ruler reading over train+val."""
+    return _camera_rbc("bccd", (r.path for r in read_bccd() if r.split != "test"), "BCCD train+val")
 
 
 def bccd_cases(split: str = "test") -> list[Case]:
@@ -114,15 +119,8 @@ def pbc_paths(half: str) -> list[Path]:
 
 
 def pbc_camera_rbc() -> float:
-    f = OUT / "pbc_camera_rbc.json"
-    if f.exists():
-        return float(json.loads(f.read_text())["rbc_px"])
-    from allmil_cli.scale import estimate_rbc_diameter
-
-    v = float(np.median([estimate_rbc_diameter(load_rgb(p)) for p in pbc_paths("design")]))
-    OUT.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"rbc_px": v, "fields": "PBC design half"}))
-    return v
+    """The known red-cell size of every PBC image (one analyser): the median ruler reading over the design half."""
+    return _camera_rbc("pbc", pbc_paths("design"), "PBC design half")
 
 
 def pbc_cases(half: str = "report") -> list[Case]:

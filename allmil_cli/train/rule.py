@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.decision import RuleParams, wilson_interval
+from allmil_cli.decision import RuleParams, decide, excess_pvalue, wilson_interval
 
 ALL_FRACTION = 0.20  # WHO / ICC: >= 20 % blasts
 POWER_CELLS = 50  # protocol 4's target: >= 20 % blasts called ALL >= 97 % at >= 50 cells
@@ -57,21 +57,13 @@ class Fit:
     power: float  # P(ALL) of a 20 %-blast patient of POWER_CELLS cells, under the binomial model
 
 
-def _binom_sf(k: int, n: int, p: float) -> float:
-    """P(X >= k), X ~ Binomial(n, p)."""
-    if k <= 0:
-        return 1.0
-    from scipy.special import bdtrc
-
-    return float(bdtrc(k - 1, n, p))
+#: P(X >= k), X ~ Binomial(n, p): the excess test's own tail (one implementation for the rule and its fitting).
+_binom_sf = excess_pvalue
 
 
 def min_all_count(n: int, params: RuleParams) -> int:
-    """The fewest blast-like cells of ``n`` that ``decide`` calls ALL (n + 1 when none do)."""
-    for k in range(n + 1):
-        if k / n >= params.all_rate and _binom_sf(k, n, params.background) < params.alpha:
-            return k
-    return n + 1
+    """The fewest blast-like cells of ``n`` that :func:`decide` calls ALL (n + 1 when none do)."""
+    return next((k for k in range(n + 1) if decide(k, n, params).call == "ALL"), n + 1)
 
 
 def pool_small_groups(groups: np.ndarray) -> np.ndarray:
