@@ -2,8 +2,8 @@
 
 Library use (no torch needed)::
 
-    from allmil_cli.images import discover_patients
-    from allmil_cli.models import load_models
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.stages.models import load_models
     from allmil_cli.pipeline import Pipeline
 
     patients, _ = discover_patients(Path("patients"))

@@ -1,3 +1,3 @@
-from allmil_cli.cli import run
+from allmil_cli.cli.app import run
 
 run()

@@ -52,11 +52,12 @@ from common import (
 
 # importing common put this checkout first on sys.path: allmil_cli below is this tree's
 from allmil_cli import __version__ as ALLMIL_VERSION
-from allmil_cli.crops import crop_cells
-from allmil_cli.images import Patient
-from allmil_cli.models import Models, default_weights_dir, load_models
-from allmil_cli.pipeline import Options, Pipeline, PatientResult, StageTimer
-from allmil_cli.report import csv_text, report_json
+from allmil_cli.stages.crops import crop_cells
+from allmil_cli.types.field import Patient
+from allmil_cli.stages.models import Models, default_weights_dir, load_models
+from allmil_cli.types.results import Options, PatientResult, StageTimer
+from allmil_cli.pipeline.runner import Pipeline
+from allmil_cli.io.report import csv_text, report_json
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ALLMIL_STAGES = ("decode", "scale", "detect", "crop", "embed", "aggregate", "report")

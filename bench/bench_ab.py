@@ -31,14 +31,18 @@ import sys, time
 tree, folder, n, passes, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sys.path.insert(0, tree)
 from pathlib import Path
-from allmil_cli.images import load_fields
-from allmil_cli.models import load_models
-from allmil_cli.pipeline import Options, Pipeline
-try:
-    from allmil_cli.images import keep_freed_buffers  # absent in older versions
-    keep_freed_buffers()
-except ImportError:
-    pass
+try:  # the layer folders (0.2.1 and later)
+    from allmil_cli.pipeline import Pipeline
+    from allmil_cli.stages import images
+    from allmil_cli.stages.models import load_models
+    from allmil_cli.types.results import Options
+except ImportError:  # the flat package of earlier versions
+    from allmil_cli import images
+    from allmil_cli.models import load_models
+    from allmil_cli.pipeline import Options, Pipeline
+load_fields = images.load_fields
+if hasattr(images, "keep_freed_buffers"):  # absent in older versions
+    images.keep_freed_buffers()
 paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[:n]
 pipe = Pipeline(load_models(None, device="cpu", threads=1, **({"precision": precision} if precision else {})), Options())
 pipe.analyse_field(load_fields(paths[0])[0][0])  # warm-up

@@ -66,9 +66,10 @@ def decode_rate(paths: list[Path], processes: int, repeats: int = 1) -> float:
 
 def one_core_work(paths: list[Path], repeats: int) -> tuple[dict[str, float], float, float, float]:
     """ms/field by stage on one core (best pass), cells/field, and the Pillow and simplejpeg floors (ms/field)."""
-    from allmil_cli.images import keep_freed_buffers, load_fields
-    from allmil_cli.models import load_models
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.stages.images import keep_freed_buffers, load_fields
+    from allmil_cli.stages.models import load_models
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     keep_freed_buffers()
     pipe = Pipeline(load_models(None, device="cpu", threads=1), Options())

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from allmil_cli.crops import crop_cells
-from allmil_cli.images import Field
-from allmil_cli.models import load_models
-from allmil_cli.normalize import stain_map
-from allmil_cli.pipeline import Pipeline
-from allmil_cli.qc import patient_qc
-from allmil_cli.scale import estimate_rbc_diameter, measure_field
+from allmil_cli.stages.crops import crop_cells
+from allmil_cli.types.field import Field
+from allmil_cli.stages.models import load_models
+from allmil_cli.stages.normalize import stain_map
+from allmil_cli.pipeline.runner import Pipeline
+from allmil_cli.stages.qc import patient_qc
+from allmil_cli.stages.scale import estimate_rbc_diameter, measure_field
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ALL-IDB1" / "im"

@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 from baseline import Baseline  # noqa: E402
 from common import DEFAULT_DATA, append_row, cpu_model, decode_fast, decode_full, field_size, first_fields, version_of  # noqa: E402
 
-from allmil_cli.workers import default_workers  # noqa: E402
+from allmil_cli.executors.workers import default_workers  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Whole-process scaling (bench/bench_scaling.py)"
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()[0]
     # As allmil does in each of its processes: a decoded field's memory serves the next one. Without it a Pillow
     # decode here pays ~12,000 page faults per 2592x1944 field (~40 ms), and the floor would flatter allmil.
-    from allmil_cli.images import keep_freed_buffers
+    from allmil_cli.stages.images import keep_freed_buffers
 
     keep_freed_buffers()
     paths = first_fields(args.data, args.fields, args.size)

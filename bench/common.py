@@ -181,7 +181,7 @@ def decode_full(path: Path) -> np.ndarray:
 
 
 def decode_fast(path: Path) -> np.ndarray:
-    """What allmil decodes a colour JPEG with when ``simplejpeg`` is installed (``allmil_cli.images._fast_jpeg``):
+    """What allmil decodes a colour JPEG with when ``simplejpeg`` is installed (``allmil_cli.stages.images._fast_jpeg``):
     libjpeg-turbo straight into numpy, the same pixels as :func:`decode_full`. ImportError without simplejpeg."""
     import simplejpeg
 

@@ -87,7 +87,7 @@ def make_aggregator(path: Path, dim: int = 256, threshold: float = 0.5) -> Path:
 
 def make_weights(folder: Path) -> Path:
     """A complete weights folder (three models + manifest) of tiny models."""
-    from allmil_cli.models import write_manifest
+    from allmil_cli.stages.models import write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     make_detector(folder / "detector.onnx")

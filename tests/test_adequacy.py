@@ -11,12 +11,13 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app, diagnose
-from allmil_cli.decision import RuleParams
-from allmil_cli.images import Patient
-from allmil_cli.models import load_models
-from allmil_cli.pipeline import MIN_CELLS_NORMAL, Options, Pipeline
-from allmil_cli.report import metrics_for
+from allmil_cli.cli.app import app, diagnose
+from allmil_cli.types.rule import RuleParams
+from allmil_cli.types.field import Patient
+from allmil_cli.stages.models import load_models
+from allmil_cli.types.results import MIN_CELLS_NORMAL, Options
+from allmil_cli.pipeline.runner import Pipeline
+from allmil_cli.io.report import metrics_for
 
 from tests.conftest import EXAMPLES, ROOT, shipped_weights_or_skip
 

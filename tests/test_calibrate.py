@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
-from allmil_cli.calibrate import MIN_NORMAL_PATIENTS, Counts, fit_site
-from allmil_cli.decision import RULE_VERSION, RuleParams, decide
-from allmil_cli.site import SiteError, load_profile, profile_text
+from allmil_cli.stages.calibrate import MIN_NORMAL_PATIENTS, Counts, fit_site
+from allmil_cli.types.rule import RULE_VERSION
+from allmil_cli.types.rule import RuleParams
+from allmil_cli.stages.decision import decide
+from allmil_cli.io.site import SiteError, load_profile, profile_text
 
 SHIPPED = RuleParams(background=0.05, all_rate=0.15, alpha=0.01)
 SHA = {"detector.onnx": "a" * 64, "embedder.onnx": "b" * 64, "aggregator.onnx": "c" * 64}

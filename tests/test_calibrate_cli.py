@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app
+from allmil_cli.cli.app import app
 
 from tests.conftest import EXAMPLES
 

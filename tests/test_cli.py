@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app
-from allmil_cli.report import CSV_COLUMNS
+from allmil_cli.cli.app import app
+from allmil_cli.io.report import CSV_COLUMNS
 
 from tests.conftest import EXAMPLES, ROOT
 
@@ -221,7 +221,7 @@ def test_diagnose_runs_without_torch(patients_dir, tiny_weights, tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(ROOT)]))
     code = (
-        "import sys; from allmil_cli.cli import run; sys.argv=['allmil','diagnose',sys.argv[1],'--out',sys.argv[2],"
+        "import sys; from allmil_cli.cli.app import run; sys.argv=['allmil','diagnose',sys.argv[1],'--out',sys.argv[2],"
         "'--weights',sys.argv[3],'--quiet']\n"
         "try:\n    run()\nexcept SystemExit as e:\n"
         "    assert 'torch' not in sys.modules, 'torch was imported'\n    raise\n"
@@ -236,9 +236,9 @@ def test_diagnose_runs_without_torch(patients_dir, tiny_weights, tmp_path):
 
 def test_library_pipeline_with_lookahead_matches_direct_calls(patients_dir, tiny_weights):
     """Decoding ahead in a thread must not change any result, and skipping a patient must be safe."""
-    from allmil_cli.images import discover_patients
-    from allmil_cli.models import load_models
-    from allmil_cli.pipeline import Pipeline
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.stages.models import load_models
+    from allmil_cli.pipeline.runner import Pipeline
 
     patients, _ = discover_patients(patients_dir)
     pipe = Pipeline(load_models(tiny_weights, device="cpu"))

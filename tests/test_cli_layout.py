@@ -1,5 +1,5 @@
-"""The command line split over cli_<topic>.py modules: one app, commands in their order, a light import, and the
-stress-test helpers that moved from the CLI into allmil_cli.stress."""
+"""The command line split over the modules of allmil_cli/cli/: one app, commands in their order, a light import, and the
+stress-test helpers that moved from the CLI into allmil_cli.pipeline.stress."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import typer
 
-from allmil_cli.cli import app
-from allmil_cli.stress import calls_by_patient, rows_csv
+from allmil_cli.cli.app import app
+from allmil_cli.pipeline.stress import calls_by_patient, rows_csv
 
 
 def test_every_command_is_on_the_one_app_in_help_order():
@@ -20,8 +20,8 @@ def test_every_command_is_on_the_one_app_in_help_order():
 
 def test_importing_the_cli_loads_no_numerics():
     # `allmil --help` must stay quick: the command modules import numpy/onnxruntime/the pipeline only when they run.
-    code = ("import sys, allmil_cli.cli; "
-            "print(sorted(m for m in ('numpy', 'onnxruntime', 'PIL', 'allmil_cli.pipeline') if m in sys.modules))")
+    code = ("import sys, allmil_cli.cli.app; "
+            "print(sorted(m for m in ('numpy', 'onnxruntime', 'PIL', 'allmil_cli.pipeline.runner') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app
-from allmil_cli.images import Patient
-from allmil_cli.journal import read_journal
-from allmil_cli.shard import parse_shard, select, shard_of
+from allmil_cli.cli.app import app
+from allmil_cli.types.field import Patient
+from allmil_cli.io.journal import read_journal
+from allmil_cli.io.shard import parse_shard, select, shard_of
 
 from tests.conftest import EXAMPLES, ROOT, shipped_weights_or_skip
 

@@ -1,7 +1,7 @@
 import numpy as np
 
-from allmil_cli.crops import CROP_SIZE, crop_cells
-from allmil_cli.scale import CROP_RBC_RATIO
+from allmil_cli.stages.crops import CROP_SIZE, crop_cells
+from allmil_cli.stages.scale import CROP_RBC_RATIO
 
 
 def test_crop_is_centred_and_scaled():

@@ -1,4 +1,4 @@
-"""The patient rule (allmil_cli.decision): the interval is scipy's, the call is monotone in the count, and for a fixed
+"""The patient rule (allmil_cli.stages.decision): the interval is scipy's, the call is monotone in the count, and for a fixed
 mix of cells it converges to the right call as cells are added (exact binomial probabilities, no sampling)."""
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from scipy.stats import binom, binomtest
 
-from allmil_cli.decision import CALLS, FALLBACK_RULE, RuleParams, decide, excess_pvalue, wilson_interval
+from allmil_cli.types.rule import CALLS, FALLBACK_RULE
+from allmil_cli.types.rule import RuleParams
+from allmil_cli.stages.decision import decide, excess_pvalue, wilson_interval
 
 RULE = RuleParams(background=0.04, all_rate=0.12, alpha=0.01)
 
@@ -98,5 +100,5 @@ def test_excess_pvalue_matches_scipy_over_random_counts_without_importing_it():
         p = float(rng.choice([0.0182, 0.01, 0.05, 0.3, rng.random()]))
         ref = binomtest(k, n, p, alternative="greater").pvalue if k else 1.0
         assert excess_pvalue(k, n, p) == pytest.approx(ref, rel=1e-6, abs=1e-300)
-    code = "import sys; from allmil_cli.decision import decide, FALLBACK_RULE; decide(3, 40, FALLBACK_RULE); print('scipy' in sys.modules)"
+    code = "import sys; from allmil_cli.stages.decision import decide; from allmil_cli.types.rule import FALLBACK_RULE; decide(3, 40, FALLBACK_RULE); print('scipy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from allmil_cli.detect import DECODING, Detection, decode_heatmap, detect_cells, prepare_input
+from allmil_cli.stages.detect import DECODING, Detection, decode_heatmap, detect_cells, prepare_input
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights" / "detector.onnx"
@@ -69,7 +69,7 @@ def test_decode_merges_two_maxima_on_one_ridge_but_not_two_cells():
 
 
 def test_detections_carry_what_was_merged():
-    from allmil_cli.detect import Decoding, heatmap_detections
+    from allmil_cli.stages.detect import Decoding, heatmap_detections
 
     meta = {"threshold": 0.3, "stride": 4.0, "canonical_rbc_px": 20.0}
     heat = _two_peaks(3.5, 0.9)
@@ -117,7 +117,7 @@ def test_onnx_contract():
 
 def test_detects_annotated_bccd_wbc():
     sess = _session()
-    from allmil_cli.scale import estimate_rbc_diameter
+    from allmil_cli.stages.scale import estimate_rbc_diameter
     from allmil_cli.train.data import load_rgb, read_bccd
 
     if not (DATA / "BCCD").exists():
@@ -139,8 +139,8 @@ def _stain_extent_reference(rgb, x, y, rbc_px, t=30.0):
     """stain_extent as first written: every labelled pixel of the window, then the blobs near (x, y)."""
     from scipy import ndimage as ndi
 
-    from allmil_cli.detect import WBC_RBC_RATIO
-    from allmil_cli.scale import open_cross
+    from allmil_cli.stages.detect import WBC_RBC_RATIO
+    from allmil_cli.stages.scale import open_cross
 
     r = int(1.3 * rbc_px)
     x0, y0 = max(int(x) - r, 0), max(int(y) - r, 0)
@@ -160,8 +160,8 @@ def _stain_extent_reference(rgb, x, y, rbc_px, t=30.0):
 
 
 def test_stain_extent_matches_its_first_version_on_real_and_random_fields():
-    from allmil_cli.detect import stain_extent
-    from allmil_cli.images import load_fields
+    from allmil_cli.stages.detect import stain_extent
+    from allmil_cli.stages.images import load_fields
 
     from tests.conftest import EXAMPLES
 
@@ -183,7 +183,7 @@ def test_stain_extent_matches_its_first_version_on_real_and_random_fields():
 
 
 def _shrunk(rgb: np.ndarray, size: float, quality: int | None = None) -> np.ndarray:
-    from allmil_cli.scale import estimate_rbc_diameter
+    from allmil_cli.stages.scale import estimate_rbc_diameter
     from allmil_cli.train.shifts import jpeg, rescale
 
     small = rescale(rgb, size / estimate_rbc_diameter(rgb))
@@ -195,8 +195,8 @@ def test_example_fields_shrunk_to_20_px_count_each_cell_once():
     path (its ruler, the shipped detector): the same number of cells as at full size, none two closer than 0.7 red
     cell (half a white cell)."""
     sess = _session()
-    from allmil_cli.images import load_fields
-    from allmil_cli.scale import estimate_rbc_diameter, measure_field
+    from allmil_cli.stages.images import load_fields
+    from allmil_cli.stages.scale import estimate_rbc_diameter, measure_field
 
     from tests.conftest import EXAMPLES
 
@@ -218,8 +218,8 @@ def test_lobed_cell_of_another_lab_shrunk_to_20_px():
     keeps both; the valley test (``Decoding(merge_dist_rbc=1.0, valley=0.5, valley_far=1.0)``, measured but not shipped:
     on held-out ALL-IDB1 it also merged touching blasts) makes them one cell that keeps the weaker one's score."""
     sess = _session()
-    from allmil_cli.detect import Decoding, heatmap_detections, model_meta
-    from allmil_cli.scale import measure_field
+    from allmil_cli.stages.detect import Decoding, heatmap_detections, model_meta
+    from allmil_cli.stages.scale import measure_field
     from allmil_cli.train.data import load_rgb
 
     path = DATA / "PBC" / "eosinophil" / "EO_114903.jpg"

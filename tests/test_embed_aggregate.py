@@ -28,8 +28,8 @@ def _session(name: str):
 
 @pytest.fixture(scope="module")
 def models():
-    from allmil_cli.aggregate import Aggregator
-    from allmil_cli.embed import Embedder
+    from allmil_cli.stages.aggregate import Aggregator
+    from allmil_cli.stages.embed import Embedder
 
     emb = Embedder(_session("embedder.onnx"))
     agg = Aggregator(_session("aggregator.onnx"), emb.blank_features())
@@ -93,9 +93,10 @@ def test_patient_probability_deterministic(models):
 
 def test_the_cpu_batch_size_does_not_change_a_bit(models):
     """The pipeline embeds one crop per call on the CPU (faster) instead of 32: the same bytes, on real crops."""
-    from allmil_cli.images import load_fields
-    from allmil_cli.models import load_models
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.stages.images import load_fields
+    from allmil_cli.stages.models import load_models
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     from tests.conftest import EXAMPLES
 

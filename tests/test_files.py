@@ -14,11 +14,11 @@ from PIL import Image, features
 from rich.console import Console
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app
-from allmil_cli.images import IMAGE_SUFFIXES, discover_patients
-from allmil_cli.pipeline import PatientResult
-from allmil_cli.report import atomic_write
-from allmil_cli.summary import counts_line, summary_table
+from allmil_cli.cli.app import app
+from allmil_cli.io.discover import IMAGE_SUFFIXES, discover_patients
+from allmil_cli.types.results import PatientResult
+from allmil_cli.io.report import atomic_write
+from allmil_cli.io.summary import counts_line, summary_table
 
 from tests.conftest import EXAMPLES, ROOT
 

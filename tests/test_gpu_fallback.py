@@ -3,7 +3,7 @@
 - torch present but no CUDA device (this machine), or torch absent: a one-line notice, JPEGs decoded on the CPU.
 - networks "on a GPU" (the embedder embeds here, batched across fields) without nvJPEG: the CPU path's results,
   bit for bit, with and without worker processes.
-- ``Pipeline.use_gpu("cpu")`` runs allmil_cli.gpu (torchvision decode, torch resizing and crops, IOBinding) on
+- ``Pipeline.use_gpu("cpu")`` runs allmil_cli.executors.gpu (torchvision decode, torch resizing and crops, IOBinding) on
   CPU tensors: close to the CPU path (other resampling and IDCT), never wildly off.
 """
 
@@ -21,21 +21,22 @@ from tests.conftest import EXAMPLES, ROOT, shipped_weights_or_skip
 
 @pytest.fixture(scope="module")
 def models():
-    from allmil_cli.models import load_models
+    from allmil_cli.stages.models import load_models
 
     return load_models(shipped_weights_or_skip(), device="cpu")
 
 
 @pytest.fixture(scope="module")
 def patients():
-    from allmil_cli.images import discover_patients
+    from allmil_cli.io.discover import discover_patients
 
     return discover_patients(EXAMPLES)[0]
 
 
 @pytest.fixture(scope="module")
 def cpu_results(models, patients):
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     return list(Pipeline(models, Options(keep_features=True)).run(patients))
 
@@ -50,7 +51,7 @@ def test_no_cuda_means_cpu_decode_with_a_one_line_notice():
     pytest.importorskip("torch")
     import torch
 
-    from allmil_cli.gpu import decode_status
+    from allmil_cli.executors.gpu import decode_status
 
     ok, notice = decode_status()
     if torch.cuda.is_available():
@@ -60,7 +61,7 @@ def test_no_cuda_means_cpu_decode_with_a_one_line_notice():
 
 
 def test_no_torch_means_cpu_decode_with_an_install_hint(monkeypatch):
-    from allmil_cli.gpu import decode_status
+    from allmil_cli.executors.gpu import decode_status
 
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     ok, notice = decode_status()
@@ -70,7 +71,8 @@ def test_no_torch_means_cpu_decode_with_an_install_hint(monkeypatch):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_gpu_networks_without_nvjpeg_give_the_cpu_results(models, patients, cpu_results, workers):
     """Provider CUDA (faked: the sessions stay on the CPU) and no nvJPEG: crops come back and are embedded here."""
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     cuda_like = replace(models, provider="CUDAExecutionProvider", gpu_decode=False)
     pipe = Pipeline(cuda_like, Options(keep_features=True, workers=workers))
@@ -92,7 +94,8 @@ def test_device_cuda_without_a_cuda_build_is_a_model_error(tmp_path):
 
 def test_gpu_front_end_code_on_cpu_tensors_is_close_to_the_cpu_path(models, patients, cpu_results):
     pytest.importorskip("torchvision")
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     seen = []
     pipe = Pipeline(models, Options(keep_features=True), on_field=lambda p, f, c, r: seen.append((f.label, f.rgb.shape, len(c))))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from allmil_cli.images import ImageError, discover_patients, load_fields
+from allmil_cli.stages.images import ImageError, load_fields
+from allmil_cli.io.discover import discover_patients
 
 from tests.conftest import EXAMPLES
 
@@ -145,7 +146,7 @@ def test_discover_missing_folder(tmp_path):
 @pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0: what microscope cameras write
 def test_fast_jpeg_decode_gives_pillows_pixels(tmp_path, subsampling):
     """JPEGs go through libjpeg-turbo straight to numpy (simplejpeg) when installed: the same pixels as Pillow."""
-    from allmil_cli import images
+    from allmil_cli.stages import images
 
     if images._simplejpeg is None:
         pytest.skip("simplejpeg is not installed: Pillow decodes every JPEG")
@@ -174,7 +175,7 @@ def test_kept_buffers_spare_the_page_faults_of_every_field(tmp_path):
     Image.fromarray(_rgb()).resize((2592, 1944), Image.BILINEAR).save(big)
     code = (
         "import resource, sys\n"
-        "from allmil_cli.images import keep_freed_buffers, load_fields\n"
+        "from allmil_cli.stages.images import keep_freed_buffers, load_fields\n"
         "if sys.argv[2] == 'keep': assert keep_freed_buffers()\n"
         "load_fields(sys.argv[1])\n"
         "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"

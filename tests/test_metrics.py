@@ -1,6 +1,6 @@
 import math
 
-from allmil_cli.metrics import binary_metrics, roc_auc
+from allmil_cli.stages.metrics import binary_metrics, roc_auc
 
 
 def test_binary_metrics_match_hand_computation():

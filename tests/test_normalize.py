@@ -1,12 +1,13 @@
-"""Stain normalisation anchored on background and red cells (allmil_cli.normalize), on real fields."""
+"""Stain normalisation anchored on background and red cells (allmil_cli.stages.normalize), on real fields."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from allmil_cli.normalize import REFERENCE_BACKGROUND, REFERENCE_RBC, meta_for, reference_from_meta, stain_map
-from allmil_cli.scale import FieldStats, measure_field
+from allmil_cli.stages.normalize import REFERENCE_BACKGROUND, REFERENCE_RBC, meta_for, reference_from_meta, stain_map
+from allmil_cli.types.field import FieldStats
+from allmil_cli.stages.scale import measure_field
 from allmil_cli.train.shifts import cast, gamma
 
 from tests.conftest import EXAMPLES
@@ -50,7 +51,7 @@ def test_metadata_switch():
 
 def test_apply_is_the_per_channel_lookup_for_every_shape():
     """StainMap.apply (Pillow's Image.point on the stacked crops) gives numpy's lut[c][x[..., c]] byte for byte."""
-    from allmil_cli.normalize import StainMap
+    from allmil_cli.stages.normalize import StainMap
 
     rng = np.random.default_rng(3)
     for shape in [(6, 224, 224, 3), (224, 224, 3), (1, 7, 9, 3), (2, 1, 1, 3), (0, 224, 224, 3), (10, 3)]:

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from allmil_cli import journal_lock
-from allmil_cli.cli import app
-from allmil_cli.journal import Journal, read_journal
+from allmil_cli.io import journal_lock
+from allmil_cli.cli.app import app
+from allmil_cli.io.journal import Journal, read_journal
 
 from tests.conftest import EXAMPLES, ROOT
 
@@ -157,7 +157,7 @@ def test_read_only_output_folder_ends_every_command_before_the_run_with_one_line
 
 
 def test_stdout_outputs_are_not_checked(small, tiny_weights, tmp_path, monkeypatch):
-    import allmil_cli.cli_outputs as cli_outputs
+    import allmil_cli.cli.outputs as cli_outputs
 
     probed: list[Path] = []
     real = cli_outputs.probe
@@ -262,7 +262,7 @@ def test_disk_full_at_the_json_report_leaves_no_temp_file(small, reference, tiny
 
 def test_disk_full_at_a_journal_line_cuts_it_off_and_resume_goes_on(small, reference, tiny_weights, tmp_path, monkeypatch):
     """ENOSPC raised half-way through writing the second patient's line (always runs, no mount needed)."""
-    import allmil_cli.journal as journal_mod
+    import allmil_cli.io.journal as journal_mod
 
     real, calls = journal_mod.write_all, []
 
@@ -289,7 +289,7 @@ def test_disk_full_at_a_journal_line_cuts_it_off_and_resume_goes_on(small, refer
 
 def test_a_torn_line_left_by_a_failed_append_is_dropped_on_resume(reference, tmp_path, monkeypatch):
     """When even cutting the failed line off fails, the part left has no newline and resume drops it."""
-    import allmil_cli.journal as journal_mod
+    import allmil_cli.io.journal as journal_mod
 
     src = read_journal(reference / "r.journal.jsonl")
     fp, results = src.header["fingerprint"], src.results

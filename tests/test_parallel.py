@@ -42,7 +42,7 @@ def _descendants(pid: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def models():
-    from allmil_cli.models import load_models
+    from allmil_cli.stages.models import load_models
 
     return load_models(shipped_weights_or_skip(), device="cpu")
 
@@ -67,8 +67,9 @@ def serial(models, cohort):
 
 
 def _run(models, folder: Path, workers: int, **kw):
-    from allmil_cli.images import discover_patients
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     patients, _ = discover_patients(folder)
     pipe = Pipeline(models, Options(workers=workers, keep_features=True, **kw))
@@ -95,8 +96,9 @@ def test_workers_give_the_serial_results_cell_for_cell(models, cohort, serial):
 
 
 def test_detect_and_crops_match_serial(models, cohort):
-    from allmil_cli.images import discover_patients
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     patients, _ = discover_patients(cohort)
     out = {}
@@ -112,9 +114,10 @@ def test_detect_and_crops_match_serial(models, cohort):
 
 
 def test_in_flight_is_bounded_and_on_field_gets_decoded_fields(models, cohort):
-    from allmil_cli.images import discover_patients
-    from allmil_cli.parallel import LOOKAHEAD_PER_WORKER
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.executors.parallel import LOOKAHEAD_PER_WORKER
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     patients, _ = discover_patients(cohort)
     seen: list[tuple[str, tuple[int, ...], int]] = []
@@ -133,8 +136,9 @@ def test_in_flight_is_bounded_and_on_field_gets_decoded_fields(models, cohort):
 
 
 def test_a_killed_worker_is_replaced_and_results_stay_identical(models, cohort, serial):
-    from allmil_cli.images import discover_patients
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     patients, _ = discover_patients(cohort)
     pipe = Pipeline(models, Options(workers=2, keep_features=True))
@@ -151,8 +155,9 @@ def test_a_killed_worker_is_replaced_and_results_stay_identical(models, cohort, 
 
 
 def test_breaking_off_a_run_leaves_no_worker_process(models, cohort):
-    from allmil_cli.images import discover_patients
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     patients, _ = discover_patients(cohort)
     before = _descendants(os.getpid())
@@ -241,9 +246,10 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 def test_prestarted_workers_are_taken_over_only_when_they_fit(models, cohort, serial):
-    from allmil_cli import workers
-    from allmil_cli.images import discover_patients
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.executors import workers
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     workers.prestart(models.weights_dir, Options(workers=2, cell_size=90.0), 2)  # other options: not taken
     misfit = workers._PRESTARTED[0]
@@ -260,8 +266,9 @@ def test_prestarted_workers_are_taken_over_only_when_they_fit(models, cohort, se
 
 
 def test_every_file_goes_to_the_workers_and_this_process_analyses_none(models, cohort, serial):
-    from allmil_cli.images import discover_patients
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     patients, _ = discover_patients(cohort)
     pipe = Pipeline(models, Options(workers=2, keep_features=True))
@@ -282,7 +289,7 @@ def test_every_file_goes_to_the_workers_and_this_process_analyses_none(models, c
 def test_the_schedule_keeps_order_drops_what_is_skipped_and_knows_its_keys():
     from concurrent.futures import Future
 
-    from allmil_cli.parallel import _Ordered
+    from allmil_cli.executors.parallel import _Ordered
 
     submitted: list[str] = []
 
@@ -309,7 +316,7 @@ def test_the_schedule_keeps_order_drops_what_is_skipped_and_knows_its_keys():
 def test_the_forkserver_is_started_early_only_when_there_is_more_than_one_file(tmp_path):
     """A command starts the workers' forkserver first thing when its folder holds more than one file; a single field
     is analysed in this process, where the forkserver's imports would only compete with it."""
-    from allmil_cli.cli_support import _more_than_one_file
+    from allmil_cli.cli.inputs import more_than_one_file as _more_than_one_file
 
     assert not _more_than_one_file(tmp_path / "missing")
     assert not _more_than_one_file(tmp_path)

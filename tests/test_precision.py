@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app
-from allmil_cli.models import INT8_FILES, ModelError, load_models
+from allmil_cli.cli.app import app
+from allmil_cli.stages.models import INT8_FILES, ModelError, load_models
 
 from tests.conftest import EXAMPLES, SHIPPED
 
@@ -55,7 +55,7 @@ def test_int8_copies_keep_the_interface_and_are_verified(int8_weights):
         meta = m8.metadata(role)
         assert meta["allmil.precision"] == "int8" and meta["allmil.kind"] == role
     assert any(n.op_type == "QuantizeLinear" for n in _graph(int8_weights / INT8_FILES["detector"]).node)  # its Conv
-    from allmil_cli.pipeline import Pipeline
+    from allmil_cli.pipeline.runner import Pipeline
     from allmil_cli.train.quantize import calibration_inputs
 
     x = calibration_inputs(Pipeline(m32), sorted(EXAMPLES.glob("patient_C/*.jpg"))[:1])[0][0]  # a real field's input
@@ -136,7 +136,7 @@ def test_shipped_calibration_does_not_need_test_fields():
 
 def test_an_int8_copy_of_other_float_weights_is_refused(int8_weights, tmp_path):
     """After retraining, int8 copies left from the old float models must not be used silently."""
-    from allmil_cli.models import write_manifest
+    from allmil_cli.stages.models import write_manifest
     from tests.onnx_fixtures import make_embedder
 
     w = tmp_path / "w"

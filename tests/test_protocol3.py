@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from allmil_cli.models import load_models
-from allmil_cli.pipeline import Pipeline
+from allmil_cli.stages.models import load_models
+from allmil_cli.pipeline.runner import Pipeline
 from allmil_cli.train.protocol3 import score_field, summarise
 from allmil_cli.train.shifts import PROTOCOL3
 

@@ -1,4 +1,4 @@
-"""Quality flags (allmil_cli.qc) on real fields: clean, blurred, shrunk, off-stain; and a flagged patient's call."""
+"""Quality flags (allmil_cli.stages.qc) on real fields: clean, blurred, shrunk, off-stain; and a flagged patient's call."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app
-from allmil_cli.qc import describe, field_flags, patient_qc
-from allmil_cli.scale import measure_field
+from allmil_cli.cli.app import app
+from allmil_cli.stages.qc import describe, field_flags, patient_qc
+from allmil_cli.stages.scale import measure_field
 from allmil_cli.train.shifts import blur, gamma, rescale
 
 from tests.conftest import EXAMPLES, shipped_weights_or_skip
@@ -44,7 +44,7 @@ def test_tiny_magnification_is_flagged():
 def test_resolution_flag_for_cells_too_small_to_judge():
     """Red cells of 9 px (an example field shrunk to that known size) are too small to judge: ``resolution`` is raised;
     no example field at its own magnification raises it."""
-    from allmil_cli.qc import MIN_RBC_PX
+    from allmil_cli.stages.qc import MIN_RBC_PX
 
     for rgb in _fields():
         assert "resolution" not in field_flags(measure_field(rgb))[0]
@@ -93,10 +93,11 @@ def test_blurred_patient_is_never_called_normal(tmp_path):
     assert all(v["sharpness"] < 1.7 for v in doc["blurred"]["qc_details"]["fields"].values())
     # with a rule under which six clean cells are enough to call normal, the clean patient is normal and the blurred
     # one (same cells, none blast-like) is turned to review by its flag, with the reason saying so
-    from allmil_cli.decision import RuleParams
-    from allmil_cli.images import discover_patients
-    from allmil_cli.models import load_models
-    from allmil_cli.pipeline import Options, Pipeline
+    from allmil_cli.types.rule import RuleParams
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.stages.models import load_models
+    from allmil_cli.types.results import Options
+    from allmil_cli.pipeline.runner import Pipeline
 
     patients, _ = discover_patients(tmp_path / "patients")
     lenient = Options(rule=RuleParams(background=0.45, all_rate=0.9), cell_threshold=1.01)

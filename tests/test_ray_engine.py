@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app
-from allmil_cli.images import discover_patients
+from allmil_cli.cli.app import app
+from allmil_cli.io.discover import discover_patients
 
 from tests.conftest import EXAMPLES, ROOT, shipped_weights_or_skip
 
@@ -95,11 +95,11 @@ def _actor_pids() -> list[int]:
 
 def test_a_killed_ray_worker_is_restarted_and_its_patient_retried(ray_cluster, local_reports, tmp_path):
     """SIGKILL one actor process after the first result: Ray restarts it, the run completes, results unchanged."""
-    from allmil_cli.cohort import iter_results
-    from allmil_cli.engine import EngineConfig
-    from allmil_cli.models import load_models
-    from allmil_cli.pipeline import Pipeline
-    from allmil_cli.report import csv_text
+    from allmil_cli.io.cohort import iter_results
+    from allmil_cli.executors.engine import EngineConfig
+    from allmil_cli.stages.models import load_models
+    from allmil_cli.pipeline.runner import Pipeline
+    from allmil_cli.io.report import csv_text
 
     patients, _ = discover_patients(EXAMPLES, per_image=True)
     pipeline = Pipeline(load_models(device="cpu"))

@@ -22,11 +22,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app
-from allmil_cli.images import discover_patients
-from allmil_cli.models import load_models
-from allmil_cli.pipeline import Pipeline
-from allmil_cli.review_capture import CELL_PX, FIELD_PX, ReviewCollector
+from allmil_cli.cli.app import app
+from allmil_cli.io.discover import discover_patients
+from allmil_cli.stages.models import load_models
+from allmil_cli.pipeline.runner import Pipeline
+from allmil_cli.io.review_capture import CELL_PX, FIELD_PX, ReviewCollector
 
 runner = CliRunner()
 XSS = "<img src=x onerror=alert(1)>"
@@ -73,7 +73,7 @@ def plain(fragment: str) -> str:
 
 
 def pct(x: float) -> str:
-    """A percentage as allmil_cli.decision writes it in the reasons."""
+    """A percentage as allmil_cli.stages.decision writes it in the reasons."""
     return f"{x:.0f}" if x >= 10 or x == 0 else f"{x:.1f}"
 
 
@@ -213,8 +213,9 @@ def test_page_renders_in_headless_chromium_and_sorts(labelled_page, tmp_path):
 
 def rule_results():
     """Four patients through the real patient rule: ALL, normal, review and a failed one, with user text in the way."""
-    from allmil_cli.decision import RuleParams, decide
-    from allmil_cli.pipeline import PatientResult
+    from allmil_cli.types.rule import RuleParams
+    from allmil_cli.stages.decision import decide
+    from allmil_cli.types.results import PatientResult
 
     rule = RuleParams(background=0.10, all_rate=0.20)
     out = []
@@ -232,7 +233,7 @@ PROFILE = {"path": "/labs/<b>ours</b>.json", "sha256": "ab" * 32, "lab": XSS, "b
 
 
 def test_page_shows_the_rule_calls_and_site_profile_escaped(tmp_path):
-    from allmil_cli.review import build_page
+    from allmil_cli.io.review import build_page
 
     results = rule_results()
     assert [r.call for r in results] == ["ALL", "normal", "review", "review"]
@@ -274,7 +275,7 @@ def test_page_shows_the_rule_calls_and_site_profile_escaped(tmp_path):
 
 
 def test_blast_percentage_sorts_as_a_number_in_chromium(tmp_path):
-    from allmil_cli.review import write_page
+    from allmil_cli.io.review import write_page
 
     path = tmp_path / "rule.html"
     write_page(path, rule_results(), {"command": "diagnose", "site_profile": PROFILE})
@@ -286,17 +287,17 @@ def test_blast_percentage_sorts_as_a_number_in_chromium(tmp_path):
 def test_template_ships_with_autoescape_and_one_trusted_place():
     from importlib.resources import files
 
-    from allmil_cli import review
+    from allmil_cli.io import review
 
-    template = files("allmil_cli").joinpath("templates", review.TEMPLATE).read_text(encoding="utf-8")
+    template = files("allmil_cli.io").joinpath("templates", review.TEMPLATE).read_text(encoding="utf-8")
     code = re.sub(r"\{#.*?#\}", "", template, flags=re.S).replace(" ", "")  # the template without its comments
     assert review._env().autoescape is True and "|safe" not in code and "autoescapefalse" not in code
-    source = (files("allmil_cli") / "review.py").read_text(encoding="utf-8")
+    source = (files("allmil_cli.io") / "review.py").read_text(encoding="utf-8")
     assert source.count("Markup(") == 1  # only trusted() marks markup safe
 
 
 def test_page_without_matplotlib_has_tables_and_a_note(patients_dir, tiny_weights, tmp_path, monkeypatch):
-    from allmil_cli import review_plots
+    from allmil_cli.io import review_plots
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert not review_plots.available()

@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from allmil_cli.scale import estimate_rbc_diameter
+from allmil_cli.stages.scale import estimate_rbc_diameter
 
 from tests.conftest import EXAMPLES
 
@@ -17,7 +17,7 @@ def test_estimate_follows_magnification():
 
 
 def test_blank_field_falls_back_to_default():
-    from allmil_cli.scale import DEFAULT_RBC_PX
+    from allmil_cli.stages.scale import DEFAULT_RBC_PX
 
     assert estimate_rbc_diameter(np.full((300, 400, 3), 200, np.uint8)) == DEFAULT_RBC_PX
 
@@ -32,7 +32,7 @@ def _example_field(scale: float = 1.0) -> np.ndarray:
 
 def test_shared_shrinker_is_pillows_own_resize():
     """Shrinker.resize must be Image.resize(BILINEAR, reducing_gap) pixel for pixel, reductions shared or not."""
-    from allmil_cli.resample import Shrinker
+    from allmil_cli.types.resample import Shrinker
 
     for scale in (1.0, 3.37):
         rgb = _example_field(scale)
@@ -46,9 +46,9 @@ def test_shared_shrinker_is_pillows_own_resize():
 
 
 def test_detector_input_is_the_same_with_or_without_the_ruler_shrinker():
-    from allmil_cli.detect import prepare_input
-    from allmil_cli.resample import Shrinker
-    from allmil_cli.scale import measure_field
+    from allmil_cli.stages.detect import prepare_input
+    from allmil_cli.types.resample import Shrinker
+    from allmil_cli.stages.scale import measure_field
 
     rgb = _example_field(3.37)
     shared = Shrinker(rgb)
@@ -63,7 +63,7 @@ def test_fast_morphology_matches_scipy():
     """The ruler's and the boxes' opening and hole filling are scipy's, pixel for pixel (they are only faster)."""
     from scipy import ndimage as ndi
 
-    from allmil_cli.scale import fill_holes, open_cross
+    from allmil_cli.stages.scale import fill_holes, open_cross
 
     rng = np.random.default_rng(0)
     for _ in range(150):
@@ -76,7 +76,7 @@ def test_fast_morphology_matches_scipy():
 
 def _redness_ruler(rgb: np.ndarray) -> float | None:
     """The ruler as every model was calibrated on it: the redness mask of the 512-px thumbnail, nothing else."""
-    from allmil_cli.scale import _otsu, _ruler, fill_holes, open_cross, thumbnail
+    from allmil_cli.stages.scale import _otsu, _ruler, fill_holes, open_cross, thumbnail
 
     a, factor = thumbnail(rgb)
     redness = np.clip((a[..., 0] - a[..., 1]) * 2.0 + 128.0, 0.0, 255.0)
@@ -124,7 +124,7 @@ def test_wide_field_with_small_cells_is_measured_on_a_finer_thumbnail():
     """A 2592 x 1944 field whose red cells are 12 px (a low magnification on a large sensor: here a mosaic of the example
     fields shrunk to 12 px red cells, background between them) shows them ~2.4 px wide on the 512 px thumbnail, where
     they merge: that reading is ~1.8x too large. The ruler measures such a field again on finer thumbnails."""
-    from allmil_cli.scale import _estimate, thumbnail
+    from allmil_cli.stages.scale import _estimate, thumbnail
     from allmil_cli.train.shifts import rescale
 
     tiles = []
@@ -140,6 +140,6 @@ def test_wide_field_with_small_cells_is_measured_on_a_finer_thumbnail():
     wide = np.ascontiguousarray(np.concatenate(rows, axis=0)[:1944, :2592])
     assert _estimate(*thumbnail(wide)) / 12.0 > 1.5  # the 512 px thumbnail alone
     assert abs(estimate_rbc_diameter(wide) / 12.0 - 1.0) <= 0.15, estimate_rbc_diameter(wide)
-    from allmil_cli.scale import measure_field
+    from allmil_cli.stages.scale import measure_field
 
     assert measure_field(wide).rbc_px == estimate_rbc_diameter(wide)  # the pipeline's measure takes the same second look

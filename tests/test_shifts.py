@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from allmil_cli.scale import estimate_rbc_diameter
+from allmil_cli.stages.scale import estimate_rbc_diameter
 from allmil_cli.train.shifts import PROTOCOL3, hed_perturb, random_stain
 
 from tests.conftest import EXAMPLES

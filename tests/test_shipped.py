@@ -7,8 +7,8 @@ import json
 
 from typer.testing import CliRunner
 
-from allmil_cli.cli import app
-from allmil_cli.models import load_models, sha256_of
+from allmil_cli.cli.app import app
+from allmil_cli.stages.models import load_models, sha256_of
 
 from tests.conftest import EXAMPLES, shipped_weights_or_skip
 

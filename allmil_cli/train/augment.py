@@ -1,6 +1,6 @@
 """Training views of a cell: re-cuts of the inference crop under geometry, stain and resolution changes.
 
-View 0 of every cell is the exact inference crop (``allmil_cli.crops.crop_cells``). Augmented views
+View 0 of every cell is the exact inference crop (``allmil_cli.stages.crops.crop_cells``). Augmented views
 (morphology-preserving: no shear) are re-cut from the field: rotation 0..360 deg, horizontal flip, scale
 +-15 %, translation +-6 % of the crop side, then colour jitter.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from allmil_cli.crops import CROP_SIZE, crop_cells
-from allmil_cli.scale import CROP_RBC_RATIO
+from allmil_cli.stages.crops import CROP_SIZE, crop_cells
+from allmil_cli.stages.scale import CROP_RBC_RATIO
 from allmil_cli.train.inventory import Cell
 
 
@@ -62,7 +62,7 @@ def cell_views(rgb: np.ndarray, cells: list[Cell], n_aug: int, rng: np.random.Ge
 class Recipe:
     """How the training views of a cell are made, and which cells train.
 
-    ``stain_norm``: crops (all views, and inference) go through ``allmil_cli.normalize`` with the field's
+    ``stain_norm``: crops (all views, and inference) go through ``allmil_cli.stages.normalize`` with the field's
     anchor colours; ``domain_aug``: augmented views also get a random stain change (``shifts.random_stain``),
     a random lower resolution (red cells 12..60 px, as another camera or objective gives), JPEG
     re-compression and blur, applied to the field the crop is cut from; ``pbc``: PBC normal cells (another
@@ -89,8 +89,9 @@ SHIPPED_RECIPE = "v2pbc"
 def _domain_view(rgb: np.ndarray, cells: list[Cell], rng: np.random.Generator, thumb: np.ndarray,
                  stain_norm: bool) -> np.ndarray:
     """One augmented view of every cell of a field, all under one random stain / camera change of the field."""
-    from allmil_cli.normalize import stain_map
-    from allmil_cli.scale import FieldStats, anchor_colours
+    from allmil_cli.stages.normalize import stain_map
+    from allmil_cli.types.field import FieldStats
+    from allmil_cli.stages.scale import anchor_colours
     from allmil_cli.train.shifts import blur, jpeg
 
     stain = _apply_lut(_stain_lut(int(rng.integers(STAIN_POOL))))
@@ -167,8 +168,8 @@ def recipe_views(rgb: np.ndarray, cells: list[Cell], recipe: Recipe, rng: np.ran
     with the field's own anchor colours when the recipe normalises, as ``Pipeline`` does)."""
     if not recipe.domain_aug and not recipe.stain_norm:
         return cell_views(rgb, cells, recipe.n_aug, rng)
-    from allmil_cli.normalize import stain_map
-    from allmil_cli.scale import measure_field, thumbnail
+    from allmil_cli.stages.normalize import stain_map
+    from allmil_cli.stages.scale import measure_field, thumbnail
 
     out = np.empty((len(cells), 1 + recipe.n_aug, CROP_SIZE, CROP_SIZE, 3), np.uint8)
     stats = measure_field(rgb, cells[0].rbc_px)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.crops import crop_cells
+from allmil_cli.stages.crops import crop_cells
 from allmil_cli.train.data import load_rgb
 from allmil_cli.train.export import _logit, check_onnx, export_onnx
 from allmil_cli.train.features import feature_cache
-from allmil_cli.normalize import meta_for
+from allmil_cli.stages.normalize import meta_for
 from allmil_cli.train.augment import RECIPES, SHIPPED_RECIPE
 from allmil_cli.train.inventory import PBC_TRAIN, WEIGHTS, inventory, pbc_cells, tiny_inventory
 from allmil_cli.train.mil import TrainConfig, sample_weights, train

@@ -3,7 +3,7 @@ ruler on fields shrunk or enlarged to known red-cell sizes.
 
 ``python -m allmil_cli.train.counting dups``: every field is resized so its red cells are 12, 14, 20, 30, 50 and
 85 px across, or left at full size (with and without JPEG quality 70, :mod:`allmil_cli.train.shifts`), then goes
-through the product path: ruler (:func:`allmil_cli.scale.measure_field` on the resized field) -> detector -> heatmap
+through the product path: ruler (:func:`allmil_cli.stages.scale.measure_field` on the resized field) -> detector -> heatmap
 peaks, decoded twice from the same heatmap: the shipped decoding (``radius``: one suppression radius of 0.6 red-cell
 diameter) and the valley rule (``current``: ``counting_fields.VALLEY_RULE``, measured, not shipped). With ``--given``
 also with the ruler before this change (``before``) and with the known size given (``given``, as ``--cell-size``).
@@ -46,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.detect import DECODING, Decoding, heatmap_detections, model_meta, prepare_input
-from allmil_cli.scale import measure_field
+from allmil_cli.stages.detect import DECODING, Decoding, heatmap_detections, model_meta, prepare_input
+from allmil_cli.stages.scale import measure_field
 from allmil_cli.train.counting_fields import (
-    DUP_RBC, FULL, MATCH_RBC, OUT, QUALITIES, RADIUS_ONLY, SIZES, VALLEY_RULE, Case, _session, bccd_cases, idb1_cases,
+    DUP_RBC, FOLD_DIR, FULL, MATCH_RBC, OUT, QUALITIES, RADIUS_ONLY, SIZES, VALLEY_RULE, Case, _session, bccd_cases, idb1_cases,
     load_rgb, pbc_cases, redness_reading, resize_to,
 )
 
@@ -142,7 +142,7 @@ def _pairs(heat, meta, threshold, w, h, sx, sy, cells: np.ndarray, rbc: float, t
     """Every pair of heatmap peaks (radius-only decoding) within 1.2 red cells of each other: (tag, distance in red cells
     at the detector's scale, lowest heatmap on the line between / the weaker score, label) where label is ``dup`` (both
     nearest to the same ground-truth cell), ``two`` (nearest to two different cells, each within 0.8) or ``other``."""
-    from allmil_cli.detect import _ridge, decode_heatmap
+    from allmil_cli.stages.detect import _ridge, decode_heatmap
 
     thr = meta["threshold"] if threshold is None else float(threshold)
     per_rbc = meta["canonical_rbc_px"] / meta["stride"]

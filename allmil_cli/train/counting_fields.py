@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.detect import Decoding
-from allmil_cli.scale import measure_field
+from allmil_cli.stages.detect import Decoding
+from allmil_cli.stages.scale import measure_field
 from allmil_cli.train.data import load_rgb, read_bccd
 from allmil_cli.train.detector_labels import CACHE_DIR as LABELS_DIR
 from allmil_cli.train.detector_labels import REPO
@@ -78,7 +78,7 @@ def _camera_rbc(name: str, paths, what: str) -> float:
     f = OUT / f"{name}_camera_rbc.json"
     if f.exists():
         return float(json.loads(f.read_text())["rbc_px"])
-    from allmil_cli.scale import estimate_rbc_diameter
+    from allmil_cli.stages.scale import estimate_rbc_diameter
 
     v = float(np.median([estimate_rbc_diameter(load_rgb(p)) for p in paths]))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def resize_to(rgb: np.ndarray, known_rbc: float, size: float, quality: int | Non
 def redness_reading(rgb: np.ndarray) -> tuple[float, bool]:
     """The ruler before this change (and still the reading of every full-resolution field): the redness mask of the
     512 px thumbnail only."""
-    from allmil_cli.scale import DEFAULT_RBC_PX, _otsu, _ruler, fill_holes, open_cross, thumbnail
+    from allmil_cli.stages.scale import DEFAULT_RBC_PX, _otsu, _ruler, fill_holes, open_cross, thumbnail
 
     a, factor = thumbnail(rgb)
     redness = np.clip((a[..., 0] - a[..., 1]) * 2.0 + 128.0, 0.0, 255.0)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.scale import WBC_RBC_RATIO
+from allmil_cli.stages.scale import WBC_RBC_RATIO
 from allmil_cli.train.data import image_folds, load_rgb, read_all_idb1, read_bccd
 from allmil_cli.train.detector_labels import CACHE_DIR, CACHE_RBC_PX, MATCH_RBC, REPO, build_cache, label_counts
 from allmil_cli.train.detector_model import WEIGHTS, _session, final, set_threshold, train
@@ -43,7 +43,7 @@ def _hits(det: np.ndarray, pts: np.ndarray, radius: float) -> np.ndarray:
 
 def eval_idb1(onnx_path: Path, names: list[str], thresholds=(0.2, 0.3, 0.4, 0.5, 0.6)) -> dict:
     """Held-out ALL-IDB1 metrics per threshold: blast / normal recall, FP per image (+ per-image detail)."""
-    from allmil_cli.detect import detect_cells
+    from allmil_cli.stages.detect import detect_cells
 
     index = json.loads((CACHE_DIR / "index.json").read_text())["idb1"]
     recs = {r.name: r for r in read_all_idb1()}
@@ -114,10 +114,10 @@ def _iou(b: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 
 def stain_box_size(rgb: np.ndarray, x: float, y: float, rbc_px: float, t: float = 30.0) -> tuple[float, float]:
-    """Raw nucleus-stain extent (w, h) at a detection: :func:`allmil_cli.detect.stain_extent`. On BCCD
+    """Raw nucleus-stain extent (w, h) at a detection: :func:`allmil_cli.stages.detect.stain_extent`. On BCCD
     train+val WBC boxes it correlates 0.89 with the box size (the rbc ruler alone: 0.12); the box
     factors fitted here are shipped as ``detect.BOX_SCALE_WH``."""
-    from allmil_cli.detect import stain_extent
+    from allmil_cli.stages.detect import stain_extent
 
     return stain_extent(rgb, x, y, rbc_px, t)
 
@@ -129,7 +129,7 @@ def evaluate(onnx_path: Path = WEIGHTS, ratios=(WBC_RBC_RATIO, None), split: str
     (a size calibration from training data only). Also reports centre recall (any detection within
     0.8 rbc_px of a box centre) and FP per image at the model threshold.
     """
-    from allmil_cli.detect import detect_cells, model_meta
+    from allmil_cli.stages.detect import detect_cells, model_meta
 
     build_cache(verbose=False)
     index = json.loads((CACHE_DIR / "index.json").read_text())["bccd"]

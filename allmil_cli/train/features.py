@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.crops import CROP_SIZE
+from allmil_cli.stages.crops import CROP_SIZE
 from allmil_cli.train.augment import Recipe, cell_views, recipe_views
 from allmil_cli.train.data import load_rgb
 from allmil_cli.train.inventory import CACHE, Cell

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.train.inventory import CACHE, PBC_TRAIN, REPO, Cell, pbc_cells
+from allmil_cli.train.inventory import PBC_TRAIN, REPO, Cell, pbc_cells
 
 OUT_DIR = REPO / ".cache" / "protocol4"
 K = 5  # protocol 2's folds
@@ -43,7 +43,7 @@ def heldout_path(recipe: str = "v2pbc", variant: str | None = None, seed: int = 
 def extra_cells() -> tuple[list[Cell], list[str], list[str]]:
     """Cells no fold model trained on outside ALL-IDB1: PBC images outside PBC_TRAIN and BCCD test-split WBCs."""
     from allmil_cli.train.data import load_rgb, read_bccd
-    from allmil_cli.scale import estimate_rbc_diameter
+    from allmil_cli.stages.scale import estimate_rbc_diameter
 
     train_keys = {c.key for c in pbc_cells(per_type=PBC_TRAIN)}
     cells, groups, fields = [], [], []

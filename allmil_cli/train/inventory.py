@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.scale import CROP_RBC_RATIO, estimate_rbc_diameter
+from allmil_cli.stages.scale import CROP_RBC_RATIO, estimate_rbc_diameter
 from allmil_cli.train.data import load_rgb, read_all_idb1, read_all_idb2, read_bccd
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,8 +18,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from allmil_cli.detect import detect_cells
-from allmil_cli.scale import estimate_rbc_diameter
+from allmil_cli.stages.detect import detect_cells
+from allmil_cli.stages.scale import estimate_rbc_diameter
 from allmil_cli.train.data import image_folds, load_rgb, read_all_idb1
 from allmil_cli.train.detector_eval import FOLD_DIR, _hits
 from allmil_cli.train.detector_model import _session

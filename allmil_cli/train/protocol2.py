@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.aggregate import bag_probability
-from allmil_cli.crops import crop_cells
-from allmil_cli.normalize import stain_map
-from allmil_cli.scale import measure_field
+from allmil_cli.stages.aggregate import bag_probability
+from allmil_cli.stages.crops import crop_cells
+from allmil_cli.stages.normalize import stain_map
+from allmil_cli.stages.scale import measure_field
 from allmil_cli.train.backbones import DEFAULT_AUG as SHIP_AUG
 from allmil_cli.train.backbones import DEFAULT_BACKBONE
 from allmil_cli.train.data import image_folds, load_rgb, read_all_idb1
@@ -104,7 +104,7 @@ def det_features(backbone: str, fold: int, names: list[str], det_path: Path, rec
     ``stain_norm``: crops mapped to the reference stain first, as ``Pipeline`` does for such an embedder."""
     import onnxruntime as ort
 
-    from allmil_cli.detect import detect_cells
+    from allmil_cli.stages.detect import detect_cells
 
     st = det_path.stat()
     f = CACHE / f"det_{backbone.replace(':', '-')}{'_norm' if stain_norm else ''}_fold{fold}_{int(st.st_mtime)}_{st.st_size}.npz"

@@ -34,12 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.crops import crop_cells
-from allmil_cli.images import Field
-from allmil_cli.metrics import roc_auc
-from allmil_cli.models import load_models, write_manifest
-from allmil_cli.pipeline import MIN_CELLS_NORMAL, Pipeline
-from allmil_cli.scale import estimate_rbc_diameter
+from allmil_cli.stages.crops import crop_cells
+from allmil_cli.types.field import Field
+from allmil_cli.stages.metrics import roc_auc
+from allmil_cli.stages.models import load_models, write_manifest
+from allmil_cli.types.results import MIN_CELLS_NORMAL
+from allmil_cli.pipeline.runner import Pipeline
+from allmil_cli.stages.scale import estimate_rbc_diameter
 from allmil_cli.train.augment import RECIPES
 from allmil_cli.train.data import load_rgb
 from allmil_cli.train.export import export_onnx
@@ -60,8 +61,8 @@ def fold_pipelines(recipe: str, folds: range | list[int] = range(K), precision: 
     """The recipe's protocol-2 fold models (trained or loaded from cache), exported to ONNX beside their fold
     detector, each opened as a product ``Pipeline``. ``precision="int8"``: with int8 copies of the detector and
     embedder (:mod:`allmil_cli.train.quantize`), each calibrated on its fold's training fields only."""
-    from allmil_cli.normalize import meta_for
-    from allmil_cli.models import INT8_FILES
+    from allmil_cli.stages.normalize import meta_for
+    from allmil_cli.stages.models import INT8_FILES
 
     P = Protocol2(recipe=recipe, cells_source="detector", verbose=False)
     rec = RECIPES[recipe]

@@ -33,7 +33,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from allmil_cli.decision import RuleParams, decide
+from allmil_cli.types.rule import RuleParams
+from allmil_cli.stages.decision import decide
 from allmil_cli.train.heldout import K, OUT_DIR, load, split
 from allmil_cli.train.inventory import REPO
 from allmil_cli.train.rule import describe, fit_rule
@@ -79,7 +80,7 @@ def _calls(ks: np.ndarray, n: int, params: RuleParams) -> list[str]:
 
 
 def _legacy_p(model, emb: np.ndarray, blank: np.ndarray) -> float:
-    from allmil_cli.aggregate import bag_probability
+    from allmil_cli.stages.aggregate import bag_probability
 
     return bag_probability(model.run, emb, blank, 15, "max", 5, 0)
 

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.detect import model_meta, prepare_input
-from allmil_cli.images import ImageError, load_fields
-from allmil_cli.models import INT8_FILES, sha256_of
+from allmil_cli.stages.detect import model_meta, prepare_input
+from allmil_cli.stages.images import ImageError, load_fields
+from allmil_cli.stages.models import INT8_FILES, sha256_of
 
 #: op types quantised (everything else stays float). The activations (Clip = ReLU6, Relu) must be among them, or
 #: each convolution is wrapped in float conversions and the int8 graph runs slower than the float one.
@@ -55,7 +55,7 @@ CALIBRATION = {"embedder": ("Percentile", 99.99), "detector": ("MinMax", None)}
 
 def calibration_inputs(pipe, paths: list[Path]) -> tuple[list[np.ndarray], np.ndarray]:
     """Detector inputs (one [1,3,H,W] float32 per field) and embedder crops ([N,224,224,3] uint8, stain-mapped)
-    of ``paths``, made by ``pipe`` (an :class:`allmil_cli.pipeline.Pipeline` with the float models) exactly as
+    of ``paths``, made by ``pipe`` (an :class:`allmil_cli.pipeline.runner.Pipeline` with the float models) exactly as
     the product makes them. An unreadable image is left out, with a note on stderr."""
     det_inputs: list[np.ndarray] = []
     crops: list[np.ndarray] = []
@@ -121,8 +121,8 @@ def quantize_weights(weights: Path, calibration: list[Path], networks: tuple[str
                      out: Path | None = None) -> dict[str, Path]:
     """int8 copies of ``networks`` of the float models in ``weights``, written to ``out`` (default: ``weights``),
     calibrated on the fields ``calibration``; the manifest of ``out`` is rewritten. Returns the files written."""
-    from allmil_cli.models import load_models, write_manifest
-    from allmil_cli.pipeline import Pipeline
+    from allmil_cli.stages.models import load_models, write_manifest
+    from allmil_cli.pipeline.runner import Pipeline
 
     out = Path(out) if out else Path(weights)
     if out != Path(weights):
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--networks", nargs="+", default=["detector", "embedder"], choices=sorted(INT8_FILES))
     a = ap.parse_args(argv)
     if a.calibration is not None:
-        from allmil_cli.images import IMAGE_SUFFIXES
+        from allmil_cli.io.discover import IMAGE_SUFFIXES
 
         fields = sorted(p for p in a.calibration.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     else:

@@ -1,4 +1,4 @@
-"""Fitting the patient rule (``allmil_cli.decision``) on held-out cell scores of training folds.
+"""Fitting the patient rule (``allmil_cli.stages.decision``) on held-out cell scores of training folds.
 
 Inputs: per-cell blast scores that the scoring model never trained on (``heldout.py``), each with its group
 (``idb_blast``, ``idb_normal``, ``pbc_<class>``, ``bccd_wbc``). Nothing here sees a test fold: protocol 4 fits on the
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.decision import RuleParams, decide, excess_pvalue, wilson_interval
+from allmil_cli.types.rule import RuleParams
+from allmil_cli.stages.decision import decide, excess_pvalue, wilson_interval
 
 ALL_FRACTION = 0.20  # WHO / ICC: >= 20 % blasts
 POWER_CELLS = 50  # protocol 4's target: >= 20 % blasts called ALL >= 97 % at >= 50 cells
@@ -136,7 +137,7 @@ def stamp(weights_dir: Path, fit: Fit) -> dict[str, str]:
     refresh ``manifest.json``; returns the new manifest digests."""
     import onnx
 
-    from allmil_cli.models import write_manifest
+    from allmil_cli.stages.models import write_manifest
 
     path = Path(weights_dir) / "aggregator.onnx"
     model = onnx.load(str(path))

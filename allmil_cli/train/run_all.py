@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {name} failed with exit code {code}", file=sys.stderr)
             return code
         print(f"== {name} done in {time.time() - t:.0f}s", flush=True)
-    from allmil_cli.models import write_manifest
+    from allmil_cli.stages.models import write_manifest
 
     for model, digest in write_manifest(REPO / "weights").items():
         print(f"{digest}  {model}")

@@ -16,7 +16,7 @@ purple swing of Romanowsky stains), Gaussian blur, and resolution (resampling so
 then JPEG at a given quality).
 
 ``python -m allmil_cli.train.shifts reference`` prints the median background and red-cell colours of the
-training fields (the stain-normalisation reference in ``allmil_cli/normalize.py``); ``... preview`` writes
+training fields (the stain-normalisation reference in ``allmil_cli/stages/normalize.py``); ``... preview`` writes
 a contact sheet of every protocol-3 shift of one field.
 """
 
@@ -180,7 +180,7 @@ def random_stain(rng: np.random.Generator, p: float = 0.85) -> Callable[[np.ndar
 
 # ------------------------------------------------------------------------------------------------ CLI
 def _reference() -> None:
-    from allmil_cli.scale import measure_field
+    from allmil_cli.stages.scale import measure_field
     from allmil_cli.train.data import load_rgb, read_all_idb1, read_bccd
 
     recs = [r.path for r in read_all_idb1()] + [r.path for r in read_bccd() if r.split != "test"][::3]
@@ -200,7 +200,7 @@ def _reference() -> None:
 
 
 def _preview(path: str, out: str) -> None:
-    from allmil_cli.scale import estimate_rbc_diameter
+    from allmil_cli.stages.scale import estimate_rbc_diameter
 
     rgb = np.asarray(Image.open(path).convert("RGB"))
     rbc = estimate_rbc_diameter(rgb)

@@ -3,7 +3,7 @@
 ``python -m allmil_cli.train.site_protocol`` (needs ``python -m allmil_cli.train.protocol3 fields --recipes v2pbc``,
 which keeps every held-out patient's cell scores per shift, and ``python -m allmil_cli.train.heldout``).
 
-For each shift (a "lab") and each of ``REPEATS`` seeded draws: calibrate (:func:`allmil_cli.calibrate.fit_site`) on 10
+For each shift (a "lab") and each of ``REPEATS`` seeded draws: calibrate (:func:`allmil_cli.stages.calibrate.fit_site`) on 10
 normal + 10 ALL held-out patients of that shift, then call every other held-out patient of the same shift with the
 lab's rule; again with the 10 normal patients only. Beside it, the same patients called without a profile.
 
@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from allmil_cli.calibrate import Counts, fit_site
-from allmil_cli.decision import decide
+from allmil_cli.stages.calibrate import Counts, fit_site
+from allmil_cli.stages.decision import decide
 from allmil_cli.train.heldout import load, split
 from allmil_cli.train.inventory import REPO
 from allmil_cli.train.protocol2 import K, fields

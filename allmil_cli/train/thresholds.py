@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from allmil_cli.metrics import binary_metrics, roc_auc
+from allmil_cli.stages.metrics import binary_metrics, roc_auc
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -12,7 +12,7 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def metrics(y, p, thr: float) -> dict:
-    """:func:`allmil_cli.metrics.binary_metrics` at ``p >= thr``, in this module's short keys (undefined ratios -> 0)."""
+    """:func:`allmil_cli.stages.metrics.binary_metrics` at ``p >= thr``, in this module's short keys (undefined ratios -> 0)."""
     p = np.asarray(p)
     m = binary_metrics(y, (p >= thr).astype(int), p)
     short = {"acc": "accuracy", "f1": "f1", "sens": "sensitivity", "spec": "specificity", "auc": "roc_auc"}

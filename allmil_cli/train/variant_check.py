@@ -23,7 +23,7 @@ import json
 
 import numpy as np
 
-from allmil_cli import scale
+from allmil_cli.stages import scale
 from allmil_cli.train.augment import RECIPES
 from allmil_cli.train.protocol3 import OUT, PATIENT_THRESHOLD, fold_pipelines, run_fields, shipped_patient_threshold, summarise
 from allmil_cli.train.shifts import PROTOCOL3, Shift
