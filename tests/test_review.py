@@ -365,3 +365,28 @@ def test_results_analysed_elsewhere_are_captured_by_reading_again(tiny_weights):
             ix, iy = (np.asarray(Image.open(io.BytesIO(c.jpeg))).astype(np.float64) for c in (x, y))
             assert np.abs(ix - iy).mean() < 6.0
         assert [f.jpeg for f in a.fields] == [f.jpeg for f in b.fields] and a.fields
+
+
+def test_cells_counted_once_show_their_merged_peaks(tiny_weights):
+    """One box per cell; a box whose cell took in weaker heatmap peaks says so, with their scores (issue 17)."""
+    from allmil_cli.io.review import build_page
+    from tests.conftest import EXAMPLES
+
+    patients, _ = discover_patients(EXAMPLES)
+    collector = ReviewCollector(review=True)
+    results = list(Pipeline(load_models(tiny_weights, device="cpu"), on_field=collector.on_field).run(patients[:1]))
+    r = results[0]
+    r.cells[0].merged_scores = (0.41, 0.33)
+    collector.finish(r)
+    text = build_page(results, {"command": "diagnose"}, galleries=collector.galleries)
+    note = "counted once: 2 weaker detector peaks merged into it (0.41, 0.33)"
+    boxes = re.findall(r"<rect [^>]*><title>([^<]*)</title></rect>", text)
+    shown = collector.galleries[r.patient].fields
+    assert len(boxes) == sum(len(f.cells) for f in shown) > 0  # one box per counted cell of the fields shown
+    assert sum(note in b for b in boxes) == 1
+    per_field = [sum(len(c[3]) for c in f.cells) for f in shown]
+    assert max(per_field) >= 2
+    for f, n in zip(shown, per_field):
+        caption = re.search(rf"<figcaption>{re.escape(f.image)}: [^<]*</figcaption>", text).group(0)
+        assert (f"({n} weaker detector peak(s) counted with their cells)" in caption) == (n > 0)
+    assert sum(note in t for t in re.findall(r"<figure class='cell[^']*' title='([^']*)'", text)) == 1

@@ -49,6 +49,7 @@ class CellThumb:
     score: float
     blast_like: bool
     jpeg: bytes
+    merged: tuple[float, ...] = ()  # detector scores of the weaker heatmap peaks counted as this same cell
 
 
 @dataclass
@@ -57,7 +58,8 @@ class FieldThumb:
     width: int  # the field's own pixels (cell boxes are in these)
     height: int
     jpeg: bytes
-    cells: list[tuple[tuple[float, float, float, float], float, bool]] = field(default_factory=list)  # box, score, blast-like
+    #: box, blast score, blast-like, and the detector scores of the weaker peaks merged into the cell (Cell.merged_scores)
+    cells: list[tuple[tuple[float, float, float, float], float, bool, tuple[float, ...]]] = field(default_factory=list)
 
 
 @dataclass
@@ -200,14 +202,15 @@ class ReviewCollector:
             def thumb(i: int) -> CellThumb:
                 c = cells[i]
                 return CellThumb(index=i, image=c.image, x=c.x, y=c.y, score=float(scores[i]), blast_like=blast_like(i),
-                                 jpeg=jpeg_bytes(thumbs[i], quality=80))
+                                 jpeg=jpeg_bytes(thumbs[i], quality=80), merged=tuple(c.merged_scores))
 
             gallery.top = [thumb(i) for i in top]
             gallery.low = [thumb(i) for i in low]
             best: list[tuple[float, int]] = []
             for k, (ft, start, n) in enumerate(zip(pend.fields, pend.starts, pend.counts)):
-                ft.cells = [(cells[i].box, float(scores[i]), blast_like(i)) for i in range(start, start + n)]
-                best.append((max((s for _, s, _ in ft.cells if not math.isnan(s)), default=-1.0), k))
+                ft.cells = [(cells[i].box, float(scores[i]), blast_like(i), tuple(cells[i].merged_scores))
+                            for i in range(start, start + n)]
+                best.append((max((c[1] for c in ft.cells if not math.isnan(c[1])), default=-1.0), k))
             keep = sorted(k for _, k in sorted(best, key=lambda t: (-t[0], t[1]))[:MAX_FIELDS])
             gallery.fields = [pend.fields[k] for k in keep]
         if self.crops_dir is not None and top:

@@ -42,16 +42,38 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from allmil_cli.stages.detect import DECODING, Decoding, heatmap_detections, model_meta, prepare_input
+from allmil_cli.stages.detect import (
+    DECODING,
+    Decoding,
+    heatmap_detections,
+    model_meta,
+    prepare_input,
+)
 from allmil_cli.stages.scale import measure_field
 from allmil_cli.train.counting_fields import (
-    DUP_RBC, FOLD_DIR, FULL, MATCH_RBC, OUT, QUALITIES, RADIUS_ONLY, SIZES, VALLEY_RULE, Case, _session, bccd_cases, idb1_cases,
-    load_rgb, pbc_cases, redness_reading, resize_to,
+    DUP_RBC,
+    FOLD_DIR,
+    FULL,
+    MATCH_RBC,
+    QUALITIES,
+    RADIUS_ONLY,
+    SIZES,
+    VALLEY_RULE,
+    Case,
+    _session,
+    bccd_cases,
+    idb1_cases,
+    load_rgb,
+    pbc_cases,
+    redness_reading,
+    resize_to,
 )
+from allmil_cli.train.pbc_split import OUT
 
 
 # ------------------------------------------------------------------------------------------- counting
@@ -238,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--given", action="store_true", help="also run with the known red-cell size given (--cell-size) "
                    "and with the ruler before this change")
     p.add_argument("--out", default="dups.json")
+    p.add_argument("--folds", type=Path, default=None,
+                   help="ALL-IDB1: the fold detectors of this folder (default .cache/folds), e.g. .cache/folds_shift")
+    p.add_argument("--detector", type=Path, default=None,
+                   help="BCCD and PBC: this detector instead of the shipped one (e.g. a fold model, to compare recipes)")
     p = sub.add_parser("design", help="the same counts on design fields, for a sweep of decoding settings")
     p.add_argument("--limit", type=int, default=None)
     p = sub.add_parser("ruler", help="ruler error per red-cell size, 6-260 px")
@@ -255,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in a.sources:
             c = {"idb1": idb1_cases, "bccd": bccd_cases, "pbc": pbc_cases}[s]()
             cases += c[: a.limit] if a.limit else c
+        cases = [replace(c, detector=(a.folds / c.detector.name if a.folds else c.detector) if c.source == "ALL-IDB1"
+                         else (a.detector or c.detector)) for c in cases]
         tally = run(cases, sizes=(FULL,) + SIZES, given_ruler=a.given, decodings={"radius": DECODING, "current": VALLEY_RULE})
         f = _save(a.out, {"tally": tally, "decoding": {"radius": DECODING.__dict__, "current": VALLEY_RULE.__dict__}, "limit": a.limit})
         _print_dups(tally, a.given)

@@ -14,9 +14,9 @@ from allmil_cli.stages.scale import measure_field
 from allmil_cli.train.data import load_rgb, read_bccd
 from allmil_cli.train.detector_labels import CACHE_DIR as LABELS_DIR
 from allmil_cli.train.detector_labels import REPO
+from allmil_cli.train.pbc_split import camera_rbc, pbc_camera_rbc, pbc_paths
 from allmil_cli.train.shifts import jpeg, rescale
 
-OUT = REPO / ".cache" / "counting"
 FOLD_DIR = REPO / ".cache" / "folds"
 WEIGHTS = REPO / "weights" / "detector.onnx"
 SIZES = (12.0, 14.0, 20.0, 30.0, 50.0, 85.0)
@@ -28,8 +28,6 @@ RADIUS_ONLY = Decoding(min_dist_rbc=0.6, merge_dist_rbc=0.0, valley=1.0)
 #: The valley rule picked on the design fields (``counting design``), measured on the held-out sets and not shipped
 #: (it merged touching blasts; docs/detector_results.md, section 5).
 VALLEY_RULE = Decoding(min_dist_rbc=0.6, merge_dist_rbc=1.0, valley=0.5, valley_far=1.0)
-PBC_PER_TYPE = {"lymphocyte": 60, "monocyte": 40, "neutrophil": 40, "eosinophil": 40, "basophil": 40, "ig": 40,
-                "erythroblast": 40}
 #: Largest field side the ruler test makes: an enlarged field is cut to its centre first (a camera at a higher
 #: magnification sees a smaller part of the smear), so no field grows beyond a 2592 x 1944 sensor.
 MAX_SIDE = 2592
@@ -73,22 +71,9 @@ def idb1_cases(which: str = "heldout") -> list[Case]:
     return out
 
 
-def _camera_rbc(name: str, paths, what: str) -> float:
-    """The known red-cell size of one camera: the median ruler reading over ``paths`` (design fields), cached."""
-    f = OUT / f"{name}_camera_rbc.json"
-    if f.exists():
-        return float(json.loads(f.read_text())["rbc_px"])
-    from allmil_cli.stages.scale import estimate_rbc_diameter
-
-    v = float(np.median([estimate_rbc_diameter(load_rgb(p)) for p in paths]))
-    OUT.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"rbc_px": v, "fields": what}))
-    return v
-
-
 def bccd_camera_rbc() -> float:
     """The known red-cell size of every BCCD field (one camera): the median ruler reading over train+val."""
-    return _camera_rbc("bccd", (r.path for r in read_bccd() if r.split != "test"), "BCCD train+val")
+    return camera_rbc("bccd", (r.path for r in read_bccd() if r.split != "test"), "BCCD train+val")
 
 
 def bccd_cases(split: str = "test") -> list[Case]:
@@ -102,25 +87,6 @@ def bccd_cases(split: str = "test") -> list[Case]:
         c = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1).reshape(-1, 2)
         out.append(Case(r.name, r.path, rbc, c, np.zeros((0, 2)), WEIGHTS, "BCCD"))
     return out
-
-
-def pbc_paths(half: str) -> list[Path]:
-    """PBC images split by sorted position within each type: even -> ``design``, odd -> ``report``; up to
-    ``PBC_PER_TYPE`` each (PBC has no donor ids: a split by image)."""
-    from allmil_cli.train.data import DEFAULT_DATA_ROOT
-
-    out = []
-    for kind, n in PBC_PER_TYPE.items():
-        files = sorted((DEFAULT_DATA_ROOT / "PBC" / kind).glob("*.jpg"))
-        files = files[0::2] if half == "design" else files[1::2]
-        step = max(1, len(files) // n)
-        out += files[::step][:n]
-    return out
-
-
-def pbc_camera_rbc() -> float:
-    """The known red-cell size of every PBC image (one analyser): the median ruler reading over the design half."""
-    return _camera_rbc("pbc", pbc_paths("design"), "PBC design half")
 
 
 def pbc_cases(half: str = "report") -> list[Case]:
@@ -146,7 +112,14 @@ def resize_to(rgb: np.ndarray, known_rbc: float, size: float, quality: int | Non
 def redness_reading(rgb: np.ndarray) -> tuple[float, bool]:
     """The ruler before this change (and still the reading of every full-resolution field): the redness mask of the
     512 px thumbnail only."""
-    from allmil_cli.stages.scale import DEFAULT_RBC_PX, _otsu, _ruler, fill_holes, open_cross, thumbnail
+    from allmil_cli.stages.scale import (
+        DEFAULT_RBC_PX,
+        _otsu,
+        _ruler,
+        fill_holes,
+        open_cross,
+        thumbnail,
+    )
 
     a, factor = thumbnail(rgb)
     redness = np.clip((a[..., 0] - a[..., 1]) * 2.0 + 128.0, 0.0, 255.0)

@@ -32,6 +32,7 @@ from allmil_cli.train.detector_eval import (
     eval_idb1,
     evaluate,
     kfold,
+    pbc_design_samples,
     reeval_folds,
     reproduce,
     stain_box_size,
@@ -98,8 +99,14 @@ def main(argv=None) -> int:
                                        "kfold": "5-fold ALL-IDB1 models -> .cache/folds/", "final": "shipped model"}[name])
         p.add_argument("--iters", type=int, default=250)
         p.add_argument("--batch", type=int, default=12)
+        if name in ("kfold", "final"):
+            p.add_argument("--shifts", action="store_true",
+                           help="train with protocol 3's shift family (resolution, JPEG, blur, stain) on 60 %% of crops")
+            p.add_argument("--pbc", action="store_true",
+                           help="add the PBC design half (one centred white cell per image) for 15 %% of the crops")
         if name == "kfold":
             p.add_argument("--folds", type=int, nargs="*", default=None)
+            p.add_argument("--out-dir", type=Path, default=FOLD_DIR, help="default: .cache/folds")
         if name == "final":
             p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
         if name == "all":
@@ -113,10 +120,11 @@ def main(argv=None) -> int:
     if a.cmd == "labels":
         print(json.dumps(label_counts()))
     elif a.cmd == "kfold":
-        kfold(iters=a.iters, batch=a.batch, folds=a.folds)
-        print(json.dumps(summarize_folds(), indent=1))
+        kfold(iters=a.iters, batch=a.batch, folds=a.folds, shifts=a.shifts, out_dir=a.out_dir, pbc=a.pbc)
+        print(json.dumps(summarize_folds(fold_dir=a.out_dir), indent=1))
     elif a.cmd == "final":
-        final(iters=a.iters, batch=a.batch, threshold=a.threshold)
+        final(iters=a.iters, batch=a.batch, threshold=a.threshold, shifts=a.shifts,
+              extra=pbc_design_samples() if a.pbc else None)
         print(json.dumps(evaluate(WEIGHTS), indent=1))
     elif a.cmd == "bccd":
         print(json.dumps(evaluate(a.onnx), indent=1))

@@ -213,8 +213,21 @@ def evaluate(onnx_path: Path = WEIGHTS, ratios=(WBC_RBC_RATIO, None), split: str
 
 
 # ------------------------------------------------------------------------------------------- drivers
-def kfold(k: int = 5, iters: int = 250, batch: int = 12, folds: list[int] | None = None, verbose: bool = True) -> dict:
-    """Train fold models (held-out ALL-IDB1 fold never seen) -> ``.cache/folds/detector_fold{f}.onnx``."""
+def pbc_design_samples() -> list:
+    """The PBC design half (``counting_fields.pbc_paths("design")``) of ``detector_labels.PBC_DETECTOR_TYPES`` as
+    detector samples; the report half stays for judging."""
+    from allmil_cli.train.pbc_split import pbc_camera_rbc, pbc_paths
+    from allmil_cli.train.detector_labels import PBC_DETECTOR_TYPES, pbc_samples
+
+    paths = [p for p in pbc_paths("design") if p.parent.name in PBC_DETECTOR_TYPES]
+    return pbc_samples(paths, pbc_camera_rbc())
+
+
+def kfold(k: int = 5, iters: int = 250, batch: int = 12, folds: list[int] | None = None, verbose: bool = True,
+          shifts: bool = False, out_dir: Path = FOLD_DIR, pbc: bool = False) -> dict:
+    """Train fold models (held-out ALL-IDB1 fold never seen) -> ``out_dir/detector_fold{f}.onnx`` (``.cache/folds/``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = pbc_design_samples() if pbc else None
     build_cache(verbose=verbose)
     recs = read_all_idb1()
     names = [r.name for r in recs]
@@ -224,12 +237,12 @@ def kfold(k: int = 5, iters: int = 250, batch: int = 12, folds: list[int] | None
         tr = [n for n, g in zip(names, fold) if g != f]
         te = [n for n, g in zip(names, fold) if g == f]
         t0 = time.time()
-        out = FOLD_DIR / f"detector_fold{f}.onnx"
-        train(tr, out, iters=iters, batch=batch, seed=f, verbose=verbose)
+        out = out_dir / f"detector_fold{f}.onnx"
+        train(tr, out, iters=iters, batch=batch, seed=f, verbose=verbose, shifts=shifts, extra=extra)
         r = eval_idb1(out, te)
         r["train_s"] = time.time() - t0
         results[f] = r
-        (FOLD_DIR / f"detector_fold{f}.json").write_text(json.dumps(r, indent=1))
+        (out_dir / f"detector_fold{f}.json").write_text(json.dumps(r, indent=1))
         if verbose:
             print(f"fold {f}: " + json.dumps({t: {kk: v for kk, v in r[t].items() if kk != 'missed_blasts'}
                                               for t in r if t[0].isdigit()}), flush=True)
@@ -253,8 +266,8 @@ def reeval_folds(k: int = 5) -> dict:
     return s
 
 
-def summarize_folds(k: int = 5) -> dict:
-    per = [json.loads((FOLD_DIR / f"detector_fold{f}.json").read_text()) for f in range(k)]
+def summarize_folds(k: int = 5, fold_dir: Path = FOLD_DIR) -> dict:
+    per = [json.loads((fold_dir / f"detector_fold{f}.json").read_text()) for f in range(k)]
     out = {}
     for t in [t for t in per[0] if t[0].isdigit()]:
         s = {kk: sum(p[t][kk] for p in per) for kk in ("blasts", "blasts_found", "normals", "normals_found", "fp")}

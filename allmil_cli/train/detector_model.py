@@ -129,6 +129,40 @@ def _sample_crop(s: Sample, rng: np.random.Generator, crop: int = CROP):
     return np.ascontiguousarray(img), pts.reshape(-1, 2), np.ascontiguousarray(ign), rbc_out
 
 
+#: Share of training crops drawn from the ``extra`` samples (PBC) when they are given.
+EXTRA_FRACTION = 0.15
+#: Share of training crops that go through :func:`shift_crop` when training with ``shifts=True``.
+SHIFT_P = 0.6
+#: Apparent red-cell size (px) of the coarsest camera simulated: below the ``resolution`` QC floor (13 px).
+SHIFT_MIN_RBC = 10.0
+
+
+def shift_crop(img: np.ndarray, rbc_out: float, rng: np.random.Generator) -> np.ndarray:
+    """A training crop as another lab's camera might give it: protocol 3's shift family, drawn at random.
+
+    A random stain change (:func:`allmil_cli.train.shifts.random_stain`), then one of: a coarser camera (red cells
+    ``SHIFT_MIN_RBC``..``rbc_out`` px natively, JPEG-compressed at quality 50-95 seven times in ten, then brought back
+    to the model's scale as ``detect.prepare_input`` does), JPEG alone, a blur, or nothing more. The centres and the
+    ignore mask do not move."""
+    from allmil_cli.train.shifts import blur, jpeg, random_stain, rescale
+
+    img = random_stain(rng, p=0.5)(img)
+    u = rng.random()
+    if u < 0.5:
+        native = math.exp(rng.uniform(math.log(SHIFT_MIN_RBC), math.log(max(rbc_out, SHIFT_MIN_RBC + 0.5))))
+        f = native / rbc_out
+        if f < 0.95:
+            small = rescale(img, f)
+            if rng.random() < 0.7:
+                small = jpeg(small, int(rng.integers(50, 96)))
+            img = np.asarray(Image.fromarray(small).resize((img.shape[1], img.shape[0]), Image.BILINEAR))
+    elif u < 0.75:
+        img = jpeg(img, int(rng.integers(50, 96)))
+    elif u < 0.9:
+        img = blur(img, float(rng.uniform(0.5, 1.5)))
+    return np.ascontiguousarray(img)
+
+
 def _targets(pts: np.ndarray, ign: np.ndarray, rbc_out: float, crop: int = CROP):
     g = crop // STRIDE
     heat = np.zeros((g, g), np.float32)
@@ -198,8 +232,14 @@ def train(
     idb1_fraction: float = 0.6,
     threads: int = 1,
     verbose: bool = True,
+    shifts: bool = False,
+    extra: list[Sample] | None = None,
 ):
-    """Train on BCCD train+val + the given ALL-IDB1 fields, export ONNX to ``out_onnx``; returns the model."""
+    """Train on BCCD train+val + the given ALL-IDB1 fields, export ONNX to ``out_onnx``; returns the model.
+
+    ``shifts``: a share ``SHIFT_P`` of the crops go through :func:`shift_crop` (resolution, JPEG, blur, stain).
+    ``extra``: more samples (PBC, :func:`allmil_cli.train.detector_labels.pbc_samples`), drawn for a share
+    ``EXTRA_FRACTION`` of the crops."""
     import torch
 
     torch.set_num_threads(threads)
@@ -220,8 +260,13 @@ def train(
     for it in range(iters):
         imgs, heats, wts = [], [], []
         for _ in range(batch):
-            pool = idb if (idb and (not bcc or rng.random() < idb1_fraction)) else bcc
+            if extra and rng.random() < EXTRA_FRACTION:
+                pool = extra
+            else:
+                pool = idb if (idb and (not bcc or rng.random() < idb1_fraction)) else bcc
             img, pts, ign, rbc_out = _sample_crop(pool[rng.integers(len(pool))], rng)
+            if shifts and rng.random() < SHIFT_P:
+                img = shift_crop(img, rbc_out, rng)
             h, w = _targets(pts, ign, rbc_out)
             imgs.append(img.transpose(2, 0, 1))
             heats.append(h)
@@ -302,11 +347,13 @@ def _session(path: Path):
 
 
 # ----------------------------------------------------------------------------------------- shipped model
-def final(iters: int = 250, batch: int = 12, threshold: float = DEFAULT_THRESHOLD, out: Path = WEIGHTS) -> Path:
-    """Train the shipped model on BCCD train+val + all ALL-IDB1 fields."""
+def final(iters: int = 250, batch: int = 12, threshold: float = DEFAULT_THRESHOLD, out: Path = WEIGHTS,
+          shifts: bool = False, extra: list[Sample] | None = None) -> Path:
+    """Train the shipped model on BCCD train+val + all ALL-IDB1 fields (``shifts``: see :func:`train`)."""
     build_cache()
     names = [r.name for r in read_all_idb1()]
-    model = train(names, out, iters=iters, batch=batch, seed=100, threshold=threshold)
+    model = train(names, out, iters=iters, batch=batch, seed=100, threshold=threshold, shifts=shifts,
+                  extra=extra)
     diff = ort_vs_torch(model, out)
     print("ort vs torch max abs diff:", diff, flush=True)
     (REPO / ".cache" / "detector_ort_vs_torch.json").write_text(json.dumps(diff))
