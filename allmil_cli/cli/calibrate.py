@@ -1,6 +1,6 @@
 """``allmil calibrate``: fit the patient rule to a lab's own labelled patients and write a site profile (YAML).
 
-Parse, run the library (:mod:`allmil_cli.stages.calibrate`, :mod:`allmil_cli.io.site`), print; registered in ``cli.py``."""
+Parse, run the library (:mod:`allmil_cli.stages.calibrate`, :mod:`allmil_cli.io.site`), print; registered in ``cli/app.py``."""
 
 from __future__ import annotations
 

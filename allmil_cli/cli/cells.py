@@ -1,5 +1,5 @@
 """``allmil detect`` (one CSV row per white cell, optional crop PNGs) and ``allmil embed`` (per-cell features as
-.npz). Parse, call the library (:mod:`allmil_cli.io.cell_export`), print; registered on the app in ``cli.py``."""
+.npz). Parse, call the library (:mod:`allmil_cli.io.cell_export`), print; registered on the app in ``cli/app.py``."""
 
 from __future__ import annotations
 

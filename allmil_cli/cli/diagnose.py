@@ -1,5 +1,5 @@
 """``allmil diagnose`` (one call per patient: shards, resume, local or Ray engine) and ``allmil merge`` (the
-shard reports into one). Parse, call the library, print; registered on the app in ``cli.py``."""
+shard reports into one). Parse, call the library, print; registered on the app in ``cli/app.py``."""
 
 from __future__ import annotations
 

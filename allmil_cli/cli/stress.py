@@ -1,5 +1,5 @@
 """``allmil stress-test``: the paper's stress test (recall after removing blast or normal cells) as a table, a CSV
-and a review page. Parse, call the library (:mod:`allmil_cli.pipeline.stress`), print; registered on the app in ``cli.py``."""
+and a review page. Parse, call the library (:mod:`allmil_cli.pipeline.stress`), print; registered on the app in ``cli/app.py``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``allmil train``: hands the stage and its arguments to the training modules (``allmil_cli.train.*``, which need
-torch) or rewrites a weights manifest. Registered on the app in ``cli.py`` with :data:`TRAIN_SETTINGS`."""
+torch) or rewrites a weights manifest. Registered on the app in ``cli/app.py`` with :data:`TRAIN_SETTINGS`."""
 
 from __future__ import annotations
 

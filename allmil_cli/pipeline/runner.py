@@ -8,7 +8,7 @@ once per field (detector) and in batches (embedder, aggregator).
 (:class:`allmil_cli.stages.analysis.FieldAnalyser`), an executor that runs them file by file (look-ahead threads, worker
 processes with ``Options.workers`` > 1, the GPU front end: :class:`allmil_cli.executors.execution.FileExecutor`; every path gives
 the same results), and the patient call (:class:`allmil_cli.stages.patient.PatientCaller`). The data types live in
-:mod:`allmil_cli.types.results` and are re-exported here.
+:mod:`allmil_cli.types.results`.
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ from allmil_cli.executors.execution import FileExecutor
 from allmil_cli.types.field import Field
 from allmil_cli.types.field import Patient
 from allmil_cli.stages.models import Models, load_models
-from allmil_cli.executors.parallel import LOOKAHEAD_PER_WORKER
 from allmil_cli.stages.patient import PatientCaller, truth_blast_flags
 from allmil_cli.types.resample import Shrinker
-from allmil_cli.types.results import (MIN_CELLS_NORMAL, MODES, REMOVE_CHOICES, Cell, Evidence, FieldOutcome, FileOutcome,
+from allmil_cli.types.results import (Cell, Evidence, FileOutcome,
                                 ImageResult, Options, PatientResult, StageTimer)
 from allmil_cli.types.field import FieldStats
 
-__all__ = ["LOOKAHEAD_PER_WORKER", "MIN_CELLS_NORMAL", "MODES", "REMOVE_CHOICES", "Options", "Cell", "ImageResult",
-           "PatientResult", "Evidence", "FieldOutcome", "FileOutcome", "StageTimer", "OnField", "Pipeline"]
+__all__ = ["OnField", "Pipeline"]
 
 #: Called with each analysed field while it is still decoded: (patient, field, its cells, red-cell px).
 OnField = Callable[[Patient, Field, list[Cell], float], None]

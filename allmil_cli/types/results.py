@@ -1,8 +1,8 @@
 """The data of a run: its options, what it finds per cell, field and patient, and what each stage hands the next.
 
 Plain dataclasses, the bottom layer of allmil_cli (docs/architecture.md): every stage, executor and output imports
-them from here, and this module imports nothing of allmil_cli above it (only the value types of three leaf modules:
-``images.Field``, ``scale.FieldStats``, ``decision.RuleParams``). :mod:`allmil_cli.pipeline.runner` re-exports them.
+them from here, and this module imports only its neighbours in ``allmil_cli/types/`` (``field.Field``,
+``field.FieldStats``, ``rule.RuleParams``).
 """
 
 from __future__ import annotations
