@@ -111,3 +111,75 @@ def test_field_without_red_cells_raises_ruler_and_stain():
     grey = np.asarray(Image.fromarray(_fields()[0]).convert("L").convert("RGB"))
     flags, info = field_flags(measure_field(grey))
     assert "ruler" in flags and "stain" in flags, info
+
+
+def test_jpeg_quality_is_read_from_the_quantisation_tables(tmp_path):
+    from allmil_cli.stages.images import jpeg_quality, load_fields
+
+    rgb = _fields()[0]
+    for q in (50, 70, 75, 90, 95):
+        Image.fromarray(rgb).save(tmp_path / f"q{q}.jpg", quality=q)
+        with Image.open(tmp_path / f"q{q}.jpg") as im:
+            assert abs(jpeg_quality(im) - q) <= 1
+        assert abs(load_fields(tmp_path / f"q{q}.jpg")[0][0].jpeg_quality - q) <= 1
+    Image.fromarray(rgb).save(tmp_path / "f.png")
+    assert load_fields(tmp_path / "f.png")[0][0].jpeg_quality is None
+    assert all(abs(jpeg_quality(Image.open(p)) - 75) <= 1 for p in sorted(EXAMPLES.glob("*/*.jpg"))[:3])  # BCCD: 75
+
+
+def test_compression_flag_where_jpeg_and_low_resolution_meet():
+    from allmil_cli.stages.qc import JPEG_FLOORS, MIN_RBC_PX, jpeg_floor
+    from allmil_cli.types.field import FieldStats
+
+    def flags(rbc: float, q: int | None) -> list[str]:
+        return field_flags(FieldStats(rbc_px=rbc, jpeg_quality=q))[0]
+
+    assert jpeg_floor(None) == MIN_RBC_PX and jpeg_floor(100) == MIN_RBC_PX
+    floors = [px for _, px in JPEG_FLOORS]
+    assert floors == sorted(floors, reverse=True) and min(floors) > MIN_RBC_PX  # more compression, larger cells needed
+    for quality, floor in JPEG_FLOORS:
+        assert jpeg_floor(quality) == floor
+        assert "compression" in flags(floor - 0.5, quality) and "compression" in flags(MIN_RBC_PX, quality)
+        assert "compression" not in flags(floor, quality)  # large enough cells: judged as any field
+        assert "compression" not in flags(floor - 0.5, None)  # not a JPEG: PNG, TIFF
+    last = JPEG_FLOORS[-1][0]
+    assert "compression" not in flags(MIN_RBC_PX + 0.5, last + 1)  # above the last row: only the resolution floor
+    below = flags(MIN_RBC_PX - 1, 30)
+    assert "resolution" in below and "compression" not in below  # one flag for one cause
+    assert field_flags(FieldStats(rbc_px=20.0, jpeg_quality=70))[1]["jpeg_quality"] == 70
+
+
+def test_compressed_low_resolution_patient_is_flagged_and_never_normal(tmp_path):
+    """The example fields shrunk to 20 px red cells: saved as JPEG 70 they raise ``compression`` (and the patient is not
+    called normal); the same pixels saved as PNG do not."""
+    shipped_weights_or_skip()
+    src = sorted(p for p in EXAMPLES.iterdir() if p.is_dir())[0]
+    for kind in ("jpeg70", "png"):
+        (tmp_path / "patients" / kind).mkdir(parents=True)
+    for f in sorted(src.glob("*.jpg")):
+        rgb = np.asarray(Image.open(f).convert("RGB"))
+        small = Image.fromarray(rescale(rgb, 20.0 / measure_field(rgb).rbc_px))
+        small.save(tmp_path / "patients" / "jpeg70" / f.name, quality=70)
+        small.save(tmp_path / "patients" / "png" / (f.stem + ".png"))
+    out, js = tmp_path / "r.csv", tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["diagnose", str(tmp_path / "patients"), "--out", str(out), "--json", str(js), "--quiet",
+                                 "--workers", "1"])
+    assert r.exit_code in (0, 1), r.output
+    rows = {row["patient"]: row for row in csv.DictReader(open(out, newline=""))}
+    assert "compression" in rows["jpeg70"]["qc"].split(";") and rows["jpeg70"]["call"] != "normal"
+    assert "compression" not in rows["png"]["qc"].split(";")
+    # under a rule where these cells would suffice for a normal call, the flag turns it into review, saying why
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.pipeline import Pipeline
+    from allmil_cli.stages.models import load_models
+    from allmil_cli.types.results import Options
+    from allmil_cli.types.rule import RuleParams
+
+    patients, _ = discover_patients(tmp_path / "patients")
+    lenient = Options(rule=RuleParams(background=0.45, all_rate=0.9), cell_threshold=1.01, min_cells_normal=1)
+    calls = {r.patient: r for r in Pipeline(load_models(device="cpu"), lenient).run(patients)}
+    assert calls["jpeg70"].call == "review" and "JPEG compression at low resolution" in calls["jpeg70"].reason
+    assert calls["png"].call == "normal" or "compression" not in calls["png"].qc
+    doc = {p["patient"]: p for p in json.loads(js.read_text())["patients"]}
+    assert {v["jpeg_quality"] for v in doc["jpeg70"]["qc_details"]["fields"].values()} == {70}
+    assert all("jpeg_quality" not in v for v in doc["png"]["qc_details"]["fields"].values())

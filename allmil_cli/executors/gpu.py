@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from PIL import Image
 from allmil_cli.stages.crops import CROP_SIZE
 from allmil_cli.stages.detect import cell_box, heatmap_detections, model_meta
 from allmil_cli.stages.embed import Embedder
+from allmil_cli.stages.images import jpeg_quality
 from allmil_cli.types.field import Field
 from allmil_cli.stages.models import Models, decode_status  # noqa: F401 - decode_status: where it was before (tests import it)
 from allmil_cli.stages.normalize import stain_map
@@ -160,12 +162,12 @@ class GpuFront:
             return None
         self.timer.add("decode", t)
         try:
-            return FileOutcome(path=path, fields=[self._field(path, x, mode, keep_field)])
+            return FileOutcome(path=path, fields=[self._field(path, x, mode, keep_field, _quality_of(data))])
         except Exception as exc:  # noqa: BLE001 - as the CPU path: one field's failure is reported, not fatal
             return FileOutcome(path=path, fields=[FieldOutcome(ImageResult(image=path.name, status="failed",
                                                                            reason=f"{path}: analysis failed ({exc})."))])
 
-    def _field(self, path: Path, x, mode: str, keep_field: bool) -> FieldOutcome:
+    def _field(self, path: Path, x, mode: str, keep_field: bool, quality: int | None = None) -> FieldOutcome:
         torch, opts, meta = self.torch, self.options, self.det_meta
         _, h, w = x.shape
         t = time.perf_counter()
@@ -175,6 +177,7 @@ class GpuFront:
         else:
             thumb, factor = x.float(), 1.0
         stats = measure_thumbnail(thumb.permute(1, 2, 0).cpu().numpy(), factor, float(opts.cell_size) if opts.cell_size else None)
+        stats = replace(stats, jpeg_quality=quality)
         rbc = stats.rbc_px
         t = self.timer.add("scale", t)
         f = meta["canonical_rbc_px"] / max(rbc, 1e-3)
@@ -199,3 +202,12 @@ class GpuFront:
             self.timer.add("embed", t)
         info = ImageResult(image=path.name, status="ok", width=w, height=h, rbc_px=round(rbc, 1), n_cells=len(cells), stats=stats)
         return FieldOutcome(info, cells, feats, crops, Field(path=path, page=0, rgb=rgb) if keep_field else None)
+
+
+def _quality_of(data: bytes) -> int | None:
+    """The JPEG quality of a file's bytes (its header only; :func:`allmil_cli.stages.images.jpeg_quality`)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return jpeg_quality(im)
+    except (OSError, ValueError, SyntaxError):
+        return None

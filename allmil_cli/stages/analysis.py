@@ -144,7 +144,7 @@ def field_info(fld: Field, stats: FieldStats, n_cells: int) -> ImageResult:
     """The per-image entry of an analysed field."""
     h, w = fld.rgb.shape[:2]
     return ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(stats.rbc_px, 1), n_cells=n_cells,
-                       stats=stats)
+                       stats=replace(stats, jpeg_quality=fld.jpeg_quality))
 
 
 def failed_image(label: str, reason: str) -> ImageResult:

@@ -72,6 +72,24 @@ def keep_freed_buffers() -> bool:
     return _BUFFERS_KEPT
 
 
+#: libjpeg's (IJG) standard luminance quantisation table, at quality 50.
+_IJG_LUMINANCE_SUM = sum((16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                          14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                          49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99))
+
+
+def jpeg_quality(im: Image.Image) -> int | None:
+    """A JPEG's quality (1-100) on libjpeg's scale, estimated from its luminance quantisation table; None when ``im``
+    is not a JPEG. Exact (within 1) for files written by libjpeg and its descendants (Pillow, OpenCV, most camera
+    software), which scale the IJG table; an approximation for others."""
+    tables = getattr(im, "quantization", None) if im.format == "JPEG" else None
+    if not tables or 0 not in tables:
+        return None
+    scale = 100.0 * sum(tables[0]) / _IJG_LUMINANCE_SUM  # libjpeg: 200 - 2q (q >= 50), 5000 / q (q < 50)
+    q = (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
+    return int(min(100, max(1, round(q))))
+
+
 def _fast_jpeg(im: Image.Image, path: Path) -> np.ndarray | None:
     """A colour JPEG decoded by libjpeg-turbo straight into a numpy array (``simplejpeg``), or None (Pillow decodes it).
 
@@ -125,7 +143,7 @@ def load_fields(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[list[Field], 
                         frame = ImageOps.exif_transpose(im) if rotated else im
                         frame.load()
                         rgb = _to_rgb(frame)
-                    fields.append(Field(path=path, page=page, rgb=rgb))
+                    fields.append(Field(path=path, page=page, rgb=rgb, jpeg_quality=jpeg_quality(im)))
                 if n_pages > MAX_PAGES:
                     notes.append(f"{path}: only the first {MAX_PAGES} of {n_pages} pages were read.")
     except ImageError:

@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("floor", help="held-out blast recall per red-cell size (fold models: detector + embedder)")
     p.add_argument("--recipe", default="v2pbc")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--sizes", type=float, nargs="+", default=None, help="red-cell sizes (px); default: 8-30")
+    p.add_argument("--qualities", type=int, nargs="+", default=None, help="JPEG qualities, 0 for none; default: 0 70")
+    p.add_argument("--out", default=None)
     p = sub.add_parser("table", help="print the tables of a saved result")
     p.add_argument("file")
     a = ap.parse_args(argv)
@@ -305,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         from allmil_cli.train.counting_ruler import _print_floor, run_floor
 
         torch.set_num_threads(1)
-        res = run_floor(a.recipe, limit=a.limit)
-        f = _save("floor.json" if not a.limit else "floor_limit.json", {"recipe": a.recipe, "by_shift": res})
+        from allmil_cli.train.counting_ruler import FLOOR_SIZES
+
+        qualities = tuple(q or None for q in a.qualities) if a.qualities else QUALITIES
+        res = run_floor(a.recipe, sizes=tuple(a.sizes or FLOOR_SIZES), limit=a.limit, qualities=qualities)
+        name = a.out or ("floor.json" if not a.limit else "floor_limit.json")
+        f = _save(name, {"recipe": a.recipe, "by_shift": res})
         _print_floor(res)
         print(f"-> {f}")
     elif a.cmd == "table":

@@ -113,12 +113,12 @@ def floor_shifts(sizes=FLOOR_SIZES, qualities=QUALITIES):
     return [Shift(f"res{size:g}" + (f"+jpeg{q}" if q else ""), "resolution", make(size, q)) for size in sizes for q in qualities]
 
 
-def run_floor(recipe: str = "v2pbc", sizes=FLOOR_SIZES, limit: int | None = None) -> dict:
+def run_floor(recipe: str = "v2pbc", sizes=FLOOR_SIZES, limit: int | None = None, qualities=QUALITIES) -> dict:
     """Held-out blast recall per red-cell size through the product path with the fold models of ``recipe``
     (:func:`allmil_cli.train.protocol3.run_fields`): blasts detected, and detected and scored blast-like."""
     from allmil_cli.train.protocol3 import run_fields, summarise
 
-    tally = run_fields([recipe], shifts=floor_shifts(sizes), limit=limit)
+    tally = run_fields([recipe], shifts=floor_shifts(sizes, qualities), limit=limit)
     out = {}
     for name, d in tally[recipe].items():
         m = summarise(d)
@@ -131,7 +131,8 @@ def run_floor(recipe: str = "v2pbc", sizes=FLOOR_SIZES, limit: int | None = None
 def floor_of(res: dict, key: str = "blast_recall", target: float = FLOOR_TARGET) -> dict[str, float | None]:
     """Per JPEG setting, the smallest measured size from which ``key`` stays >= ``target`` at every larger size."""
     out: dict[str, float | None] = {}
-    for q in QUALITIES:
+    seen = {int(n.partition("+jpeg")[2]) if "+jpeg" in n else None for n in res}
+    for q in sorted(seen, key=lambda x: -1 if x is None else x):
         suffix = f"+jpeg{q}" if q else ""
         rows = sorted((float(n[3:].split("+")[0]), v[key]) for n, v in res.items() if n.endswith(suffix) and ("+" in n) == bool(q))
         ok = None

@@ -31,6 +31,8 @@ class Field:
     path: Path
     page: int
     rgb: np.ndarray
+    #: The file's JPEG quality as libjpeg would call it (1-100, estimated from its quantisation tables); None: not a JPEG.
+    jpeg_quality: int | None = None
     _shrinker: Shrinker | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -68,3 +70,5 @@ class FieldStats:
     rbc_rgb: tuple[float, float, float] = (200.0, 120.0, 130.0)
     sharpness: float = float("nan")
     measured: bool = True
+    #: The field's JPEG quality (:attr:`Field.jpeg_quality`), carried with the measure for the QC flags.
+    jpeg_quality: int | None = None
