@@ -43,6 +43,8 @@ MIN_RBC_PX = 13.0
 #: to judge: held-out blast recall falls under 90 % below it (docs/ruler.md, *The floor under JPEG*;
 #: ``python -m allmil_cli.train.counting floor --sizes ... --qualities ...``). Above the last row: ``MIN_RBC_PX`` alone.
 JPEG_FLOORS: tuple[tuple[int, float], ...] = ((80, 24.0), (85, 18.0), (90, 14.0))
+MIN_SHARPNESS = 1.70
+FLAGS = ("magnification", "resolution", "compression", "ruler", "stain", "blur", "few_cells")
 
 
 def jpeg_floor(quality: int | None) -> float:
@@ -52,8 +54,6 @@ def jpeg_floor(quality: int | None) -> float:
             if quality <= max_quality:
                 return floor
     return MIN_RBC_PX
-MIN_SHARPNESS = 1.70
-FLAGS = ("magnification", "resolution", "compression", "ruler", "stain", "blur", "few_cells")
 
 
 @dataclass

@@ -107,6 +107,7 @@ def main(argv=None) -> int:
         if name == "kfold":
             p.add_argument("--folds", type=int, nargs="*", default=None)
             p.add_argument("--out-dir", type=Path, default=FOLD_DIR, help="default: .cache/folds")
+            p.add_argument("--seed", type=int, default=0, help="added to each fold's seed (the fold number)")
         if name == "final":
             p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
         if name == "all":
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
     if a.cmd == "labels":
         print(json.dumps(label_counts()))
     elif a.cmd == "kfold":
-        kfold(iters=a.iters, batch=a.batch, folds=a.folds, shifts=a.shifts, out_dir=a.out_dir, pbc=a.pbc)
+        kfold(iters=a.iters, batch=a.batch, folds=a.folds, shifts=a.shifts, out_dir=a.out_dir, pbc=a.pbc,
+              seed=a.seed)
         print(json.dumps(summarize_folds(fold_dir=a.out_dir), indent=1))
     elif a.cmd == "final":
         final(iters=a.iters, batch=a.batch, threshold=a.threshold, shifts=a.shifts,

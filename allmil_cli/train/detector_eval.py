@@ -224,7 +224,7 @@ def pbc_design_samples() -> list:
 
 
 def kfold(k: int = 5, iters: int = 250, batch: int = 12, folds: list[int] | None = None, verbose: bool = True,
-          shifts: bool = False, out_dir: Path = FOLD_DIR, pbc: bool = False) -> dict:
+          shifts: bool = False, out_dir: Path = FOLD_DIR, pbc: bool = False, seed: int = 0) -> dict:
     """Train fold models (held-out ALL-IDB1 fold never seen) -> ``out_dir/detector_fold{f}.onnx`` (``.cache/folds/``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = pbc_design_samples() if pbc else None
@@ -238,7 +238,7 @@ def kfold(k: int = 5, iters: int = 250, batch: int = 12, folds: list[int] | None
         te = [n for n, g in zip(names, fold) if g == f]
         t0 = time.time()
         out = out_dir / f"detector_fold{f}.onnx"
-        train(tr, out, iters=iters, batch=batch, seed=f, verbose=verbose, shifts=shifts, extra=extra)
+        train(tr, out, iters=iters, batch=batch, seed=f + seed, verbose=verbose, shifts=shifts, extra=extra)
         r = eval_idb1(out, te)
         r["train_s"] = time.time() - t0
         results[f] = r
