@@ -51,7 +51,7 @@ def test_no_cuda_means_cpu_decode_with_a_one_line_notice():
     pytest.importorskip("torch")
     import torch
 
-    from allmil_cli.executors.gpu import decode_status
+    from allmil_cli.stages.models import decode_status
 
     ok, notice = decode_status()
     if torch.cuda.is_available():
@@ -61,7 +61,7 @@ def test_no_cuda_means_cpu_decode_with_a_one_line_notice():
 
 
 def test_no_torch_means_cpu_decode_with_an_install_hint(monkeypatch):
-    from allmil_cli.executors.gpu import decode_status
+    from allmil_cli.stages.models import decode_status
 
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     ok, notice = decode_status()

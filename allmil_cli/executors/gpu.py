@@ -33,7 +33,7 @@ from allmil_cli.stages.detect import cell_box, heatmap_detections, model_meta
 from allmil_cli.stages.embed import Embedder
 from allmil_cli.stages.images import jpeg_quality
 from allmil_cli.types.field import Field
-from allmil_cli.stages.models import Models, decode_status  # noqa: F401 - decode_status: where it was before (tests import it)
+from allmil_cli.stages.models import Models
 from allmil_cli.stages.normalize import stain_map
 from allmil_cli.executors.parallel import ThreadLookahead
 from allmil_cli.types.results import Cell, FieldOutcome, FileOutcome, ImageResult, Options, StageTimer
@@ -176,8 +176,8 @@ class GpuFront:
             thumb = self._resize(x, max(1, round(h / factor)), max(1, round(w / factor)))
         else:
             thumb, factor = x.float(), 1.0
-        stats = measure_thumbnail(thumb.permute(1, 2, 0).cpu().numpy(), factor, float(opts.cell_size) if opts.cell_size else None)
-        stats = replace(stats, jpeg_quality=quality)
+        stats = replace(measure_thumbnail(thumb.permute(1, 2, 0).cpu().numpy(), factor,
+                                          float(opts.cell_size) if opts.cell_size else None), jpeg_quality=quality)
         rbc = stats.rbc_px
         t = self.timer.add("scale", t)
         f = meta["canonical_rbc_px"] / max(rbc, 1e-3)

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from allmil_cli.io import journal_lock
-from allmil_cli.io.journal_lock import journal_path_for  # noqa: F401  (re-exported: where it used to live)
 from allmil_cli.io.outputs import OutputError, write_all
 from allmil_cli.types.results import PatientResult
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from allmil_cli.executors.engine import merge_fingerprint
-from allmil_cli.io.journal import Contents, JournalError, is_journal, journal_path_for, read_journal
+from allmil_cli.io.journal import Contents, JournalError, is_journal, read_journal
+from allmil_cli.io.journal_lock import journal_path_for
 from allmil_cli.types.results import PatientResult
 
 

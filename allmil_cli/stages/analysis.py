@@ -58,20 +58,21 @@ class FieldAnalyser:
             raise
         except Exception as exc:  # noqa: BLE001 - an unexpected decoder failure is this file's problem only
             raise ImageError(f"{path}: unexpected error while reading ({exc}); re-export the image.") from exc
-        return [(f, self.measure(f.rgb, f.shrinker())) for f in fields], notes
+        return [(f, self.measure(f.rgb, f.shrinker(), f.jpeg_quality)) for f in fields], notes
 
-    def measure(self, rgb: np.ndarray, shrinker: Shrinker | None = None) -> FieldStats:
+    def measure(self, rgb: np.ndarray, shrinker: Shrinker | None = None, jpeg_quality: int | None = None) -> FieldStats:
         """The field's ruler (red-cell diameter, ``Options.cell_size`` when given), anchor colours and sharpness
-        (``shrinker``: the field's shared downscales, :meth:`allmil_cli.types.field.Field.shrinker`)."""
+        (``shrinker``: the field's shared downscales, :meth:`allmil_cli.types.field.Field.shrinker`), carrying the
+        file's ``jpeg_quality`` (:attr:`allmil_cli.types.field.Field.jpeg_quality`) for the QC flags."""
         t = time.perf_counter()
         stats = measure_field(rgb, float(self.options.cell_size) if self.options.cell_size else None, shrinker)
         self.timer.add("scale", t)
-        return stats
+        return stats if jpeg_quality is None else replace(stats, jpeg_quality=jpeg_quality)
 
     def locate_cells(self, fld: Field, stats: FieldStats | None = None) -> tuple[list[Cell], FieldStats]:
         """WBC detection on one decoded field (``stats``: its measure; taken when None)."""
         rgb = fld.rgb
-        stats = self.measure(rgb, fld.shrinker()) if stats is None else stats
+        stats = self.measure(rgb, fld.shrinker(), fld.jpeg_quality) if stats is None else stats
         rbc_px = stats.rbc_px
         t = time.perf_counter()
         dets = detect_cells(self.models.detector, rgb, rbc_px, self.options.detect_threshold, fld.shrinker())
@@ -144,7 +145,7 @@ def field_info(fld: Field, stats: FieldStats, n_cells: int) -> ImageResult:
     """The per-image entry of an analysed field."""
     h, w = fld.rgb.shape[:2]
     return ImageResult(image=fld.label, status="ok", width=w, height=h, rbc_px=round(stats.rbc_px, 1), n_cells=n_cells,
-                       stats=replace(stats, jpeg_quality=fld.jpeg_quality))
+                       stats=stats)
 
 
 def failed_image(label: str, reason: str) -> ImageResult:

@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in a.sources:
             c = {"idb1": idb1_cases, "bccd": bccd_cases, "pbc": pbc_cases}[s]()
             cases += c[: a.limit] if a.limit else c
-        cases = [replace(c, detector=(a.folds / c.detector.name if a.folds else c.detector) if c.source == "ALL-IDB1"
-                         else (a.detector or c.detector)) for c in cases]
+        cases = [replace(c, detector=_detector_for(c, a.folds, a.detector)) for c in cases]
         tally = run(cases, sizes=(FULL,) + SIZES, given_ruler=a.given, decodings={"radius": DECODING, "current": VALLEY_RULE})
         f = _save(a.out, {"tally": tally, "decoding": {"radius": DECODING.__dict__, "current": VALLEY_RULE.__dict__}, "limit": a.limit})
         _print_dups(tally, a.given)
@@ -327,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
 
             _print_ruler(obj)
     return 0
+
+
+def _detector_for(case: Case, folds: Path | None, detector: Path | None) -> Path:
+    """``dups --folds``: ALL-IDB1 fields take the fold model of that folder; ``--detector``: BCCD and PBC take it."""
+    if case.source == "ALL-IDB1":
+        return folds / case.detector.name if folds else case.detector
+    return detector or case.detector
 
 
 def _print_dups(tally: dict, given: bool) -> None:
