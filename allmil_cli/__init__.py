@@ -12,4 +12,4 @@ Library use (no torch needed)::
         print(result.patient, result.call, result.p_all)
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

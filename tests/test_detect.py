@@ -237,3 +237,28 @@ def test_lobed_cell_of_another_lab_shrunk_to_20_px():
     assert len(valley) == 1 and valley[0].score == max(d.score for d in shipped)
     assert valley[0].merged_scores == (pytest.approx(min(d.score for d in shipped)),)
     assert np.hypot(valley[0].x - w / 2, valley[0].y - h / 2) < 0.8 * rbc  # the centred cell
+    assert [d.same_as for d in shipped] == [-1, 0]  # the shipped decoding names the weaker one the stronger's twin
+
+
+def test_lobed_cell_of_another_lab_is_counted_once(tmp_path):
+    """The same eosinophil, shrunk to 20 px and saved as a patient's field, through ``Pipeline`` with the shipped
+    models: two detections, and one white cell counted (neither is blast-like: ``allmil_cli.stages.count``)."""
+    from PIL import Image
+
+    from allmil_cli.io.discover import discover_patients
+    from allmil_cli.io.report import patient_json
+    from allmil_cli.pipeline import Pipeline
+    from allmil_cli.stages.models import load_models
+    from allmil_cli.train.data import load_rgb
+
+    path = DATA / "PBC" / "eosinophil" / "EO_114903.jpg"
+    if not path.exists():
+        pytest.skip("shared PBC data absent")
+    (tmp_path / "p1").mkdir()
+    Image.fromarray(_shrunk(load_rgb(path), 20.0)).save(tmp_path / "p1" / "eo.png")
+    patients, _ = discover_patients(tmp_path)
+    r = next(iter(Pipeline(load_models(REPO / "weights", device="cpu")).run(patients)))
+    cells = patient_json(r)["cells"]
+    assert len(cells) == 2 and [c["same_as"] for c in cells] == [-1, 0]
+    assert not any(c["blast_like"] for c in cells) and [c["merged"] for c in cells] == [False, True]
+    assert r.n_cells == 1 and r.n_blast_like == 0

@@ -384,9 +384,38 @@ def test_cells_counted_once_show_their_merged_peaks(tiny_weights):
     shown = collector.galleries[r.patient].fields
     assert len(boxes) == sum(len(f.cells) for f in shown) > 0  # one box per counted cell of the fields shown
     assert sum(note in b for b in boxes) == 1
-    per_field = [sum(len(c[3]) for c in f.cells) for f in shown]
+    per_field = [sum(len(c[3]) + len(c[4]) for c in f.cells) for f in shown]
     assert max(per_field) >= 2
     for f, n in zip(shown, per_field):
         caption = re.search(rf"<figcaption>{re.escape(f.image)}: [^<]*</figcaption>", text).group(0)
-        assert (f"({n} weaker detector peak(s) counted with their cells)" in caption) == (n > 0)
+        assert (f"({n} weaker detector peak(s) or twin detection(s) counted once with their cells)" in caption) == (n > 0)
     assert sum(note in t for t in re.findall(r"<figure class='cell[^']*' title='([^']*)'", text)) == 1
+
+
+def test_a_twin_counted_once_gets_no_box_of_its_own(tiny_weights):
+    """A detection counted with its twin (Cell.merged, allmil_cli.stages.count) is not boxed or shown on its own: the
+    twin's box says what was counted with it."""
+    from allmil_cli.io.review import build_page
+    from tests.conftest import EXAMPLES
+
+    patients, _ = discover_patients(EXAMPLES)
+    collector = ReviewCollector(review=True)
+    results = list(Pipeline(load_models(tiny_weights, device="cpu"), on_field=collector.on_field).run(patients[:1]))
+    r = results[0]
+    images = [c.image for c in r.cells]
+    k = next(i for i in range(1, len(images)) if images[i] == images[i - 1])  # the second cell of a field
+    start = images.index(images[k])
+    r.cells[k].same_as, r.cells[k].merged = k - 1 - start, True
+    collector.finish(r)
+    text = build_page(results, {"command": "diagnose"}, galleries=collector.galleries)
+    gallery = collector.galleries[r.patient]
+    shown = [f for f in gallery.fields if f.image == images[k]]
+    assert len(shown) == 1  # that field is among the thumbnails (the example's fields with the most blast-like cells)
+    for f in shown:
+        assert len(f.cells) == images.count(images[k]) - 1  # one box for the pair
+        assert [len(c[4]) for c in f.cells].count(1) == 1
+    note = f"twin detection closer than a white cell, neither blast-like, counted with it (blast score {r.cells[k].blast_score:.3f})"
+    boxes = re.findall(r"<rect [^>]*><title>([^<]*)</title></rect>", text)
+    assert len(boxes) == sum(len(f.cells) for f in gallery.fields) > 0
+    assert sum(note in b for b in boxes) == len(shown)
+    assert k not in [c.index for c in gallery.top + gallery.low]  # never shown as a cell of its own

@@ -191,7 +191,7 @@ class GpuFront:
         dets = heatmap_detections(heat, meta, opts.detect_threshold, w, h, nw / w, nh / h)
         rgb = x.permute(1, 2, 0).contiguous().cpu().numpy()  # one host copy: boxes (stain extent) and on_field
         cells = [Cell(image=path.name, x=float(d.x), y=float(d.y), box=cell_box(rgb, d.x, d.y, rbc), det_score=float(d.score),
-                 merged_scores=tuple(float(m) for m in d.merged_scores))
+                 merged_scores=tuple(float(m) for m in d.merged_scores), same_as=int(d.same_as))
                  for d in dets]
         t = self.timer.add("detect", t)
         crops = self._normalise(self._crops(x, np.asarray([(c.x, c.y) for c in cells]).reshape(-1, 2), rbc), stats)

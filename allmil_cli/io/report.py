@@ -106,7 +106,7 @@ def patient_json(r: PatientResult) -> dict[str, Any]:
         {"image": c.image, "x": c.x, "y": c.y, "box": list(c.box), "det_score": c.det_score,
          "merged_scores": list(c.merged_scores),
          "blast_score": c.blast_score, "blast_like": bool(c.blast_score >= r.cell_threshold) if r.cell_threshold else None,
-         "removed": c.removed}
+         "removed": c.removed, "same_as": c.same_as, "merged": c.merged}
         for c in r.cells
     ]
     d["notes"] = list(r.notes)

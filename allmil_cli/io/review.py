@@ -126,26 +126,33 @@ def _run_view(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def merged_note(merged: Sequence[float]) -> str:
-    """What a cell's tooltip says of the weaker detector peaks counted as the same cell (one box, one count)."""
-    if not merged:
-        return ""
-    scores = ", ".join(f"{s:.2f}" for s in merged)
-    return f"; counted once: {len(merged)} weaker detector peak{'s' if len(merged) > 1 else ''} merged into it ({scores})"
+def merged_note(merged: Sequence[float], twins: Sequence[float] = ()) -> str:
+    """What a cell's tooltip says of what was counted as the same cell (one box, one count): the weaker detector peaks
+    merged into it (their detector scores), and its twin detections counted with it (their blast scores;
+    :mod:`allmil_cli.stages.count`)."""
+    out = ""
+    if merged:
+        scores = ", ".join(f"{s:.2f}" for s in merged)
+        out += f"; counted once: {len(merged)} weaker detector peak{'s' if len(merged) > 1 else ''} merged into it ({scores})"
+    if twins:
+        scores = ", ".join(f"{s:.3f}" for s in twins)
+        out += (f"; counted once: {len(twins)} twin detection{'s' if len(twins) > 1 else ''} closer than a white cell, "
+                f"neither blast-like, counted with it (blast score {scores})")
+    return out
 
 
 def _cells(thumbs: Sequence[CellThumb]) -> list[dict[str, Any]]:
     return [{"uri": _data_uri(c.jpeg), "score": _num(c.score), "blast_like": c.blast_like, "image": c.image,
-             "title": f"{c.image} at ({c.x:.0f}, {c.y:.0f}), blast score {c.score:.3f}{merged_note(c.merged)}"}
+             "title": f"{c.image} at ({c.x:.0f}, {c.y:.0f}), blast score {c.score:.3f}{merged_note(c.merged, c.twins)}"}
             for c in thumbs]
 
 
 def _fields(fields: Sequence[FieldThumb]) -> list[dict[str, Any]]:
     return [{"image": f.image, "width": f.width, "height": f.height, "uri": _data_uri(f.jpeg),
-             "n_blast": sum(1 for c in f.cells if c[2]), "n_merged": sum(len(c[3]) for c in f.cells),
+             "n_blast": sum(1 for c in f.cells if c[2]), "n_merged": sum(len(c[3]) + len(c[4]) for c in f.cells),
              "boxes": [{"cls": "b" if bl else "c", "x": f"{x0:.0f}", "y": f"{y0:.0f}", "w": f"{x1 - x0:.0f}",
-                        "h": f"{y1 - y0:.0f}", "score": _num(s), "merged": merged_note(m)}
-                       for (x0, y0, x1, y1), s, bl, m in f.cells]}
+                        "h": f"{y1 - y0:.0f}", "score": _num(s), "merged": merged_note(m, tw)}
+                       for (x0, y0, x1, y1), s, bl, m, tw in f.cells]}
             for f in fields]
 
 

@@ -18,12 +18,14 @@ import csv
 import io
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from allmil_cli.stages.count import twin_positions
 from allmil_cli.stages.crops import CROP_SIZE, crop_cells
 from allmil_cli.types.field import Field
 from allmil_cli.stages.images import ImageError, load_fields
@@ -50,6 +52,7 @@ class CellThumb:
     blast_like: bool
     jpeg: bytes
     merged: tuple[float, ...] = ()  # detector scores of the weaker heatmap peaks counted as this same cell
+    twins: tuple[float, ...] = ()  # blast scores of the twin detections counted with this cell (stages.count)
 
 
 @dataclass
@@ -58,8 +61,9 @@ class FieldThumb:
     width: int  # the field's own pixels (cell boxes are in these)
     height: int
     jpeg: bytes
-    #: box, blast score, blast-like, and the detector scores of the weaker peaks merged into the cell (Cell.merged_scores)
-    cells: list[tuple[tuple[float, float, float, float], float, bool, tuple[float, ...]]] = field(default_factory=list)
+    #: the counted cells: box, blast score, blast-like, the detector scores of the weaker peaks merged into the cell
+    #: (Cell.merged_scores), and the blast scores of its twins counted with it (Cell.merged)
+    cells: list[tuple[tuple[float, float, float, float], float, bool, tuple[float, ...], tuple[float, ...]]] = field(default_factory=list)
 
 
 @dataclass
@@ -188,7 +192,8 @@ class ReviewCollector:
         if len(cells) and not captured.all():
             gallery.note = f"{int((~captured).sum())} of {len(cells)} cell(s) could not be shown (their image could not be read again)."
         scores = np.asarray([c.blast_score for c in cells], dtype=np.float64)
-        order = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable") if captured[i]]
+        order = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable") if captured[i] and not cells[i].merged]
+        twins = twins_of(cells)
         top = order[: self.top]
         low = [i for i in order[::-1] if i not in top][: self.low]
         thr = result.cell_threshold
@@ -202,14 +207,15 @@ class ReviewCollector:
             def thumb(i: int) -> CellThumb:
                 c = cells[i]
                 return CellThumb(index=i, image=c.image, x=c.x, y=c.y, score=float(scores[i]), blast_like=blast_like(i),
-                                 jpeg=jpeg_bytes(thumbs[i], quality=80), merged=tuple(c.merged_scores))
+                                 jpeg=jpeg_bytes(thumbs[i], quality=80), merged=tuple(c.merged_scores),
+                                 twins=tuple(float(scores[j]) for j in twins.get(i, ())))
 
             gallery.top = [thumb(i) for i in top]
             gallery.low = [thumb(i) for i in low]
             best: list[tuple[float, int]] = []
             for k, (ft, start, n) in enumerate(zip(pend.fields, pend.starts, pend.counts)):
-                ft.cells = [(cells[i].box, float(scores[i]), blast_like(i), tuple(cells[i].merged_scores))
-                            for i in range(start, start + n)]
+                ft.cells = [(cells[i].box, float(scores[i]), blast_like(i), tuple(cells[i].merged_scores),
+                             tuple(float(scores[j]) for j in twins.get(i, ()))) for i in range(start, start + n) if not cells[i].merged]
                 best.append((max((c[1] for c in ft.cells if not math.isnan(c[1])), default=-1.0), k))
             keep = sorted(k for _, k in sorted(best, key=lambda t: (-t[0], t[1]))[:MAX_FIELDS])
             gallery.fields = [pend.fields[k] for k in keep]
@@ -232,3 +238,18 @@ class ReviewCollector:
             w.writerow([rank, name, c.image, f"{c.x:.1f}", f"{c.y:.1f}", f"{scores[i]:.4f}", int(blast_like(i))])
         atomic_write(folder / "cells.csv", index.getvalue())
         gallery.crops_folder, gallery.crops_saved = folder, len(top)
+
+
+def twins_of(cells: Sequence[Cell]) -> dict[int, list[int]]:
+    """Each counted cell's twins counted with it (Cell.merged), followed down a chain of merged twins: positions in
+    ``cells``."""
+    pos = twin_positions([c.image for c in cells], [c.same_as for c in cells])
+    out: dict[int, list[int]] = {}
+    for g, c in enumerate(cells):
+        j = pos[g]
+        if not c.merged or j < 0:
+            continue
+        while cells[j].merged and pos[j] >= 0:
+            j = pos[j]
+        out.setdefault(j, []).append(g)
+    return out

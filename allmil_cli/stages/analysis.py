@@ -80,7 +80,7 @@ class FieldAnalyser:
         self.timer.add("detect", t)
         cells = [
             Cell(image=fld.label, x=float(d.x), y=float(d.y), box=cell_box(rgb, d.x, d.y, rbc_px), det_score=float(d.score),
-                 merged_scores=tuple(float(m) for m in d.merged_scores))
+                 merged_scores=tuple(float(m) for m in d.merged_scores), same_as=int(d.same_as))
             for d in dets
         ]
         return cells, stats

@@ -39,6 +39,12 @@ class Decoding:
     merge_dist_rbc: float = 0.0
     valley: float = 1.0
     valley_far: float | None = None
+    #: A kept cell is the twin (:attr:`Detection.same_as`) of the nearest stronger kept cell when that one is closer
+    #: than ``twin_dist_rbc`` and the heatmap between them never falls below ``twin_valley`` x the weaker score: one
+    #: cell (two lobes of a granulocyte) or two touching cells. The patient stage counts the two once when neither is
+    #: blast-like (:mod:`allmil_cli.stages.count`). ``twin_dist_rbc = 0`` switches it off.
+    twin_dist_rbc: float = 0.0
+    twin_valley: float = 0.0
 
 
 #: The shipped decoding: one suppression radius of 0.6 red cell, as before; the valley test is off. Measured, not
@@ -48,7 +54,11 @@ class Decoding:
 #: after JPEG 70, while removing 4 of 9 duplicates among 15 fewer detections. On design fields every setting that
 #: removed PBC duplicates also merged touching blasts (the heatmap ridge between two touching blasts and between two
 #: lobes of one granulocyte overlap: ``python -m allmil_cli.train.counting design``, pair statistics).
-DECODING = Decoding()
+#: Twins: 1.1 red cells, heatmap >= 0.5 x between, chosen on design fields (BCCD train+val, the PBC design half,
+#: ALL-IDB1 through fold models that trained on it) among 0.8-1.2 red cells x no / 0.3 / 0.5 bars, as the shortest
+#: distance within 5 % of the fewest count errors (duplicates + cells lost to a merge), and judged on held-out fields:
+#: ``python -m allmil_cli.train.counting_once`` (docs/detector_results.md, section 7).
+DECODING = Decoding(twin_dist_rbc=1.1, twin_valley=0.5)
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,9 @@ class Detection:
     score: float  # 0..1
     #: scores of the weaker heatmap peaks taken as this same cell (see :class:`Decoding`), strongest first
     merged_scores: tuple[float, ...] = ()
+    #: index (in the same field's list) of the nearest stronger detection within ``Decoding.twin_dist_rbc``: perhaps
+    #: the same cell; -1: none
+    same_as: int = -1
 
 
 def model_meta(session) -> dict[str, float]:
@@ -212,13 +225,27 @@ def heatmap_detections(heat: np.ndarray, meta: dict[str, float], threshold: floa
     cells = canon / stride  # heatmap cells per red-cell diameter
     peaks, merged = decode_heatmap(heat, thr, dec.min_dist_rbc * cells, dec.merge_dist_rbc * cells, dec.valley,
                                    return_merged=True, valley_far=dec.valley_far)
-    out = []
-    for (px, py, s), m in zip(peaks, merged):
-        fx = float(px) * stride / sx
-        fy = float(py) * stride / sy
-        if fx < w and fy < h:  # drop peaks in the padding
-            out.append(Detection(x=min(max(fx, 0.0), w - 1.0), y=min(max(fy, 0.0), h - 1.0), score=float(s),
-                                 merged_scores=tuple(m)))
+    inside = [i for i, (px, py, _) in enumerate(peaks) if px * stride / sx < w and py * stride / sy < h]  # not padding
+    twins = twin_of(peaks[inside], dec.twin_dist_rbc * cells, heat, dec.twin_valley)
+    return [Detection(x=min(max(float(peaks[i, 0]) * stride / sx, 0.0), w - 1.0),
+                      y=min(max(float(peaks[i, 1]) * stride / sy, 0.0), h - 1.0), score=float(peaks[i, 2]),
+                      merged_scores=tuple(merged[i]), same_as=t) for i, t in zip(inside, twins)]
+
+
+def twin_of(peaks: np.ndarray, dist: float, heat: np.ndarray | None = None, valley: float = 0.0) -> list[int]:
+    """For each peak (rows of x, y, score in heatmap cells, strongest first): the index of the nearest stronger peak
+    when it is closer than ``dist`` cells and the ``heat`` between the two never falls below ``valley`` x the weaker
+    score (no test without ``heat`` or with ``valley`` 0); else -1."""
+    out = [-1] * len(peaks)
+    if dist <= 0 or len(peaks) < 2:
+        return out
+    xy = np.asarray(peaks[:, :2], np.float64)
+    for i in range(1, len(xy)):
+        d = np.hypot(xy[:i, 0] - xy[i, 0], xy[:i, 1] - xy[i, 1])
+        j = int(np.argmin(d))
+        if d[j] < dist and (heat is None or valley <= 0
+                            or _ridge(heat, xy[j, 0], xy[j, 1], xy[i, 0], xy[i, 1]) >= valley * float(peaks[i, 2])):
+            out[i] = j
     return out
 
 

@@ -1,6 +1,7 @@
 """The patient stage: one patient's evidence (cells, features, per-image entries) -> its call and quality flags.
 
-Per-cell blast scores (the aggregator), optional removal of cells (the stress test), the blast-like percentage rule
+Per-cell blast scores (the aggregator), twins counted once (:mod:`allmil_cli.stages.count`), optional removal of cells
+(the stress test), the blast-like percentage rule
 (:func:`allmil_cli.stages.decision.decide`), the adequacy rules and the QC flags (:mod:`allmil_cli.stages.qc`). No model runs here
 but the aggregator's small networks; the evidence comes from :class:`allmil_cli.stages.analysis.FieldAnalyser`, wherever
 an executor ran it.
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from allmil_cli.stages.aggregate import Aggregator
+from allmil_cli.stages.count import count_once
 from allmil_cli.types.rule import RuleParams
 from allmil_cli.stages.decision import decide
 from allmil_cli.types.field import Patient
@@ -87,12 +89,16 @@ class PatientCaller:
         scores = self.aggregator.cell_scores(X)
         for c, s in zip(cells, scores):
             c.blast_score = float(s)
-        keep = np.ones(len(cells), dtype=bool)
+        merged = count_once([c.image for c in cells], [c.same_as for c in cells], scores >= self.cell_threshold)
+        for c, m in zip(cells, merged):
+            c.merged = bool(m)
+        keep = ~merged
         if remove != "none" and len(cells):
             is_blast = np.concatenate(truth_flags) if opts.truth_dir is not None else scores >= self.cell_threshold
-            keep = ~is_blast if remove == "blasts" else is_blast
-            for c, k in zip(cells, keep):
+            stays = ~is_blast if remove == "blasts" else is_blast
+            for c, k in zip(cells, stays):
                 c.removed = not bool(k)
+            keep &= stays
         kept = X[keep]
         n_blast = int((scores[keep] >= self.cell_threshold).sum())
         n_cells = int(keep.sum())

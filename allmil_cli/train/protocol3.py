@@ -103,7 +103,7 @@ def _match(xy: np.ndarray, pts: np.ndarray, radius: float) -> np.ndarray:
 
 
 def new_tally() -> dict:
-    return {"y": [], "p": [], "n_cells": [], "scores": [], "names": [], "blast_hits": 0, "blasts": 0, "normal_flags": 0, "normals": 0,
+    return {"y": [], "p": [], "n_cells": [], "scores": [], "same_as": [], "names": [], "blast_hits": 0, "blasts": 0, "normal_flags": 0, "normals": 0,
             "normals_found": 0, "blasts_found": 0, "blast_hits_shipped": 0, "normal_flags_shipped": 0}
 
 
@@ -133,6 +133,7 @@ def score_field(pipes: dict[str, Pipeline], path: Path, label: int, blasts: np.n
             d["p"].append(float(pl.aggregator.patient_probability(feats, seed=0)))
             d["n_cells"].append(len(cells))
             d["scores"].append([round(float(x), 5) for x in scores])  # each detected cell's blast score (the patient rule's input)
+            d["same_as"].append([c.same_as for c in cells])  # each cell's twin (stages.count: counted once at the rule's threshold)
             d["names"].append(path.stem)
             d["blasts"] += len(hb)
             d["blasts_found"] += int((hb >= 0).sum())

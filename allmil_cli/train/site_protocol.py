@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from allmil_cli.stages.calibrate import Counts, fit_site
+from allmil_cli.stages.count import count_once
 from allmil_cli.stages.decision import decide
 from allmil_cli.train.heldout import load, split
 from allmil_cli.train.inventory import REPO
@@ -41,6 +42,13 @@ def _summ(calls: list[str], y: list[int]) -> dict[str, float]:
             "normal_calls": float((c[t == 0] == "normal").mean())}
 
 
+def counted(name: str, label: int, scores: list[float], same_as: list[int], threshold: float) -> Counts:
+    """One patient's counts as the product makes them: twins counted once (:func:`allmil_cli.stages.count.count_once`)."""
+    blast_like = np.asarray(scores, dtype=np.float64) >= threshold
+    merged = count_once([name] * len(scores), same_as, blast_like)
+    return Counts(name, label, int((~merged).sum()), int(blast_like.sum()))
+
+
 def run(repeats: int = REPEATS, recipe: str = "v2pbc", seed: int = 0) -> dict:
     data = load(recipe)
     fold_fits = []
@@ -57,8 +65,9 @@ def run(repeats: int = REPEATS, recipe: str = "v2pbc", seed: int = 0) -> dict:
             raise SystemExit("protocol 3 results lack cell scores: rerun `python -m allmil_cli.train.protocol3 fields --recipes v2pbc`")
         names, y = d["names"], d["y"]
         fk = [fold_of[n] for n in names]
-        counts = [Counts(n, int(lab), len(s), int(sum(x >= fold_fits[k].cell_threshold for x in s)))
-                  for n, lab, s, k in zip(names, y, d["scores"], fk)]
+        twins = d.get("same_as") or [[-1] * len(s) for s in d["scores"]]
+        counts = [counted(n, int(lab), s, t, fold_fits[k].cell_threshold)
+                  for n, lab, s, t, k in zip(names, y, d["scores"], twins, fk)]
         base = [decide(c.n_blast_like, c.n_cells, fold_fits[k].params).call if c.n_cells else "review" for c, k in zip(counts, fk)]
         res = {"both": [], "normals": [], "none": []}
         how: dict[str, int] = {}

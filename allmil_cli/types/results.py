@@ -69,6 +69,11 @@ class Cell:
     blast_score: float = float("nan")
     merged_scores: tuple[float, ...] = ()  # detector scores of weaker heatmap peaks taken as this same cell
     removed: bool = False
+    #: index (among this field's cells) of a stronger detection closer than a white cell: perhaps the same cell
+    #: (detect.Detection.same_as); -1: none
+    same_as: int = -1
+    #: counted once with that twin (neither is blast-like: allmil_cli.stages.count), so not counted on its own
+    merged: bool = False
 
 
 @dataclass
