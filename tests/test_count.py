@@ -69,3 +69,24 @@ def test_the_patient_stage_counts_twins_once(tiny_weights, blast_like):
     assert len(cells) == len(ev.cells)  # every detection stays in the JSON
     assert [c["merged"] for c in cells] == [k == i and not blast_like for k in range(len(cells))]
     assert cells[i]["same_as"] == i - 1 - start
+
+
+def test_the_counting_measure_sees_duplicates_and_lost_cells():
+    """``python -m allmil_cli.train.counting_once``'s tally on hand-made records: two detections of one cell (a twin
+    pair, neither blast-like) are one duplicate before and none after; a twin pair on two real cells loses one."""
+    from allmil_cli.train.counting_once import tally
+
+    # rows: score, blast score, nearest stronger, its distance (red cells), heatmap between / own score, owning cell,
+    # cells within reach, the shipped decoding's twin
+    lobes = {"dets": [[0.9, 0.01, -1, -1.0, -1.0, 0, [0], -1], [0.7, 0.02, 0, 0.8, 0.7, 0, [0], 0]],
+             "n_cells": 1, "n_blasts": 0}
+    touching = {"dets": [[0.9, 0.5, -1, -1.0, -1.0, 0, [0], -1], [0.8, 0.4, 0, 1.0, 0.6, 1, [1], 0]],
+                "n_cells": 2, "n_blasts": 2}
+    blasts = {"dets": [[0.9, 0.99, -1, -1.0, -1.0, 0, [0], -1], [0.8, 0.98, 0, 0.9, 0.9, 1, [1], 0]],
+              "n_cells": 2, "n_blasts": 2}
+    before, after = tally([lobes, touching, blasts], 0, None, 0.97), tally([lobes, touching, blasts], None, None, 0.97)
+    assert (before["det"], before["dup"], before["merged_lost"], before["blast_like"]) == (6, 1, 0, 2)
+    assert (after["det"], after["dup"], after["merged"], after["merged_lost"], after["blast_like"]) == (4, 0, 2, 1, 2)
+    assert after["blasts_found"] == before["blasts_found"] - 1 == 3  # the non-blast-like touching blast merged away
+    # the same rule on the recorded neighbours: a valley bar above the pair's heatmap keeps the lobes apart
+    assert tally([lobes], 1.1, 0.8, 0.97)["dup"] == 1 and tally([lobes], 1.1, 0.5, 0.97)["dup"] == 0

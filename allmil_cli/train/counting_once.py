@@ -132,6 +132,8 @@ def merged_mask(dets: list, dist: float | None, valley: float | None, threshold:
     None: the twins of the shipped decoding, as recorded; else the rule on the recorded nearest stronger neighbour
     (closer than ``dist`` red cells, heatmap never below ``valley`` x own score between them when ``valley`` is set)."""
     if dist is None:
+        if dets and len(dets[0]) < 8:
+            raise SystemExit("these records predate the shipped twins: collect them again, or pass --dist and --valley")
         twins = [d[7] for d in dets]
     else:
         twins = [j if j >= 0 and d < dist and (valley is None or r >= valley) else -1 for _, _, j, d, r, *_ in dets]
