@@ -262,3 +262,14 @@ def test_lobed_cell_of_another_lab_is_counted_once(tmp_path):
     assert len(cells) == 2 and [c["same_as"] for c in cells] == [-1, 0]
     assert not any(c["blast_like"] for c in cells) and [c["merged"] for c in cells] == [False, True]
     assert r.n_cells == 1 and r.n_blast_like == 0
+    # `allmil detect` lists both detections and names the twin
+    from typer.testing import CliRunner
+
+    from allmil_cli.cli.app import app
+
+    out = tmp_path / "d.csv"
+    res = CliRunner().invoke(app, ["detect", str(tmp_path), "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    import csv
+
+    assert [row["same_as"] for row in csv.DictReader(out.open())] == ["-1", "0"]

@@ -16,7 +16,9 @@ from PIL import Image
 from allmil_cli.types.results import Cell, PatientResult
 from allmil_cli.io.report import atomic_write
 
-DETECTION_COLUMNS = ["patient", "image", "x0", "y0", "x1", "y1", "cx", "cy", "score"]
+#: ``same_as``: the row (0-based, among the same image's rows) of a stronger detection closer than a white cell, perhaps
+#: the same cell (``diagnose`` counts the two once when neither is blast-like: ``allmil_cli.stages.count``); -1: none
+DETECTION_COLUMNS = ["patient", "image", "x0", "y0", "x1", "y1", "cx", "cy", "score", "same_as"]
 
 
 class DetectionsCsv:
@@ -29,7 +31,8 @@ class DetectionsCsv:
 
     def add(self, patient: str, cells: Sequence[Cell]) -> None:
         for c in cells:
-            self._writer.writerow([patient, c.image, *(f"{v:.1f}" for v in c.box), f"{c.x:.1f}", f"{c.y:.1f}", f"{c.det_score:.4f}"])
+            self._writer.writerow([patient, c.image, *(f"{v:.1f}" for v in c.box), f"{c.x:.1f}", f"{c.y:.1f}", f"{c.det_score:.4f}",
+                                   c.same_as])
 
     def text(self) -> str:
         return self._buf.getvalue()
