@@ -87,20 +87,19 @@ class PatientCaller:
         X = np.concatenate(feats, axis=0)  # n_ok > 0, so at least one field's (possibly empty) features
         t = time.perf_counter()
         scores = self.aggregator.cell_scores(X)
-        for c, s in zip(cells, scores):
-            c.blast_score = float(s)
-        merged = count_once([c.image for c in cells], [c.same_as for c in cells], scores >= self.cell_threshold)
-        for c, m in zip(cells, merged):
-            c.merged = bool(m)
+        blast_like = scores >= self.cell_threshold
+        merged = count_once([c.image for c in cells], [c.same_as for c in cells], blast_like)
+        for c, s, m in zip(cells, scores, merged):
+            c.blast_score, c.merged = float(s), bool(m)
         keep = ~merged
         if remove != "none" and len(cells):
-            is_blast = np.concatenate(truth_flags) if opts.truth_dir is not None else scores >= self.cell_threshold
+            is_blast = np.concatenate(truth_flags) if opts.truth_dir is not None else blast_like
             stays = ~is_blast if remove == "blasts" else is_blast
             for c, k in zip(cells, stays):
                 c.removed = not bool(k)
             keep &= stays
         kept = X[keep]
-        n_blast = int((scores[keep] >= self.cell_threshold).sum())
+        n_blast = int(blast_like[keep].sum())
         n_cells = int(keep.sum())
         failed = [i for i in images if i.status != "ok"]
         partial = f"{len(failed)} of {len(images)} image(s) unusable (see the JSON report)." if failed else ""
